@@ -1,0 +1,129 @@
+"""Loading the model to train from `resume_ckpt`, whatever its source, through one code path.
+
+`builtin:tiny` is built in memory; a diffusers folder is read from disk; a Hugging Face repo id is
+downloaded (once, into the usual Hugging Face cache) and then read as a folder. All three end as the same
+:class:`SDModel`, so nothing downstream knows where the weights came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from utils.config import BUILTIN_TINY, FINDLAST
+from utils.model_family import SD1, ModelFamily, UnsupportedModel, detect_family
+
+TRAIN_SAMPLERS = {"ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
+
+
+class ModelLoadError(Exception):
+    """The model named by resume_ckpt cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class SDModel:
+    """A Stable Diffusion model as trained here: the pipeline's parts plus what they are."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    scheduler: Any  # the model's own scheduler, saved with every checkpoint for inference
+    family: ModelFamily
+    source: str  # what resume_ckpt resolved to, for people and for the run record
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    def components(self) -> dict[str, Any]:
+        """The parts under the names the family's diffusers pipeline uses."""
+        return dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                    scheduler=self.scheduler)
+
+    def describe(self) -> str:
+        millions = {name: sum(p.numel() for p in module.parameters()) / 1e6
+                    for name, module in (("UNet", self.unet), ("text encoder", self.text_encoder),
+                                         ("VAE", self.vae))}
+        sizes = ", ".join(f"{name} {count:,.1f}M" for name, count in millions.items())
+        return f"{self.source}: {self.family.label}, {self.prediction_type} prediction ({sizes} parameters)"
+
+
+def load_model(resume_ckpt: str) -> SDModel:
+    """The model named by `resume_ckpt`. Raises ModelLoadError with a message for people."""
+    if resume_ckpt == BUILTIN_TINY:
+        from utils.tiny_model import build_tiny_components
+
+        return SDModel(**build_tiny_components(), family=SD1, source=BUILTIN_TINY)
+    if resume_ckpt == FINDLAST:
+        raise ModelLoadError("resume_ckpt: findlast (continue from the newest checkpoint under logdir) is not "
+                             "implemented in this version yet; point resume_ckpt at a checkpoint folder "
+                             "under <logdir>/<run>/ckpts/ instead.")
+    if os.path.isfile(resume_ckpt):
+        raise ModelLoadError(
+            f"resume_ckpt: {resume_ckpt!r} is a single file; loading .safetensors/.ckpt files directly is not "
+            "implemented in this version yet. Convert it once with diffusers "
+            "(StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)) and point resume_ckpt "
+            "at the folder.")
+    folder = resume_ckpt if os.path.isdir(resume_ckpt) else _download(resume_ckpt)
+    return load_diffusers_folder(folder, source=resume_ckpt)
+
+
+def load_diffusers_folder(folder: str, source: str | None = None) -> SDModel:
+    """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    model_index = _read_json(folder, "model_index.json")
+    try:
+        family = detect_family(model_index, _read_json(folder, "unet/config.json"),
+                               _read_json(folder, "text_encoder/config.json"))
+    except UnsupportedModel as error:
+        raise ModelLoadError(f"resume_ckpt: {folder}: {error}") from None
+    pipeline = family.pipeline_class().from_pretrained(
+        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        torch_dtype=torch.float32)  # train in fp32 master weights whatever the file holds
+    parts = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    return SDModel(**parts, family=family, source=source or folder)
+
+
+def _read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ModelLoadError(f"resume_ckpt: {folder!r} is not a diffusers model folder: {name} is missing. "
+                             "Point resume_ckpt at the folder that holds model_index.json.") from None
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"resume_ckpt: {path} is damaged: {error}") from None
+
+
+def _download(repo_id: str) -> str:
+    """Fetch a Hugging Face repo (without its safety checker) into the cache; the local folder."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HF_API_TOKEN")  # EveryDream2 read HF_API_TOKEN
+    try:
+        return DiffusionPipeline.download(repo_id, token=token, safety_checker=None, feature_extractor=None)
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"resume_ckpt: {repo_id!r} is not a local folder and could not be downloaded from Hugging Face: "
+            "this machine is offline (or HF_HUB_OFFLINE is set) and the model is not in the local cache. "
+            "Download it once while online, or point resume_ckpt at a diffusers folder.") from None
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        hint = ("the repo does not exist, or it is gated/private: accept its licence on huggingface.co and set "
+                "HF_TOKEN" if status in (401, 403, 404) else str(error).splitlines()[0])
+        raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {hint}.") from None
+    except OSError as error:  # no network, DNS failure, disk full
+        raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {error}") from None
+
+
+def training_noise_scheduler(model: SDModel, train_sampler: str):
+    """The scheduler that adds noise in training: the chosen class over the model's own betas."""
+    import diffusers
+
+    return getattr(diffusers, TRAIN_SAMPLERS[train_sampler]).from_config(model.scheduler.config)
