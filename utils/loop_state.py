@@ -1,0 +1,19 @@
+"""Everything the training loop changes as it runs, in one object that is saved with each checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # batches trained so far (the `gs` in checkpoint names)
+    optimizer_step: int = 0  # optimizer updates so far (what the lr schedule counts)
+    batch_in_epoch: int = 0  # position within the current epoch
+    elapsed_seconds: float = 0.0  # training time, excluding start-up
+    last_save_seconds: float = 0.0  # elapsed_seconds at the last periodic save
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

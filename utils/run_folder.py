@@ -1,0 +1,81 @@
+"""The run folder, `<logdir>/<project_name>-<YYYYmmdd-HHMMSS>/`, and the logging that writes into it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+
+from tqdm import tqdm
+
+LOG_FILE = "train.log"
+CONFIG_FILE = "train_config.json"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def create_run_folder(logdir: str, project_name: str, now: float | None = None) -> str:
+    """A new, empty run folder; a second run in the same second gets a `-2` suffix."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = os.path.join(logdir, f"{project_name}-{stamp}")
+    for attempt in range(1, 100):
+        folder = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            os.makedirs(folder)
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder next to {base}")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console logging that does not tear through progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # pragma: no cover - as logging.Handler does
+            self.handleError(record)
+
+
+def setup_logging(run_dir: str | None) -> None:
+    """Console (and, for the main process, `train.log` in the run folder) at INFO level.
+
+    Libraries' own progress bars and chatter are turned down: the trainer reports what matters.
+    """
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if run_dir:
+        to_file = logging.FileHandler(os.path.join(run_dir, LOG_FILE), encoding="utf-8")
+        to_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(to_file)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence library progress bars and warnings that say nothing about the user's run."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("bitsandbytes", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def write_json(path: str, data: dict) -> None:
+    """Pretty JSON, written under a temporary name and renamed, so a reader never sees half a file."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.replace(temporary, path)
