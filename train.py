@@ -130,7 +130,7 @@ def load_trainee(config: TrainConfig, accelerator):
 
     from utils.models import load_model, training_noise_scheduler
 
-    model = load_model(config.resume_ckpt)
+    model = load_model(config.resume_ckpt, config.logdir)
     train_unet, train_te = not config.disable_unet_training, not config.disable_textenc_training
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module, trained in ((model.unet, train_unet), (model.text_encoder, train_te), (model.vae, False)):

@@ -6,6 +6,7 @@ place, so a crash mid-save never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -33,3 +34,36 @@ def save_pipeline(folder: str, pipeline, record: dict, config: dict) -> str:
         shutil.rmtree(folder)
     os.replace(temporary, folder)
     return folder
+
+
+class NoCheckpointFound(Exception):
+    """`findlast` found no complete checkpoint to continue from."""
+
+
+def is_finished_checkpoint(folder: str) -> bool:
+    """A complete, normally saved checkpoint: renamed into place, with its record, not from a crash."""
+    name = os.path.basename(folder)
+    return (not name.startswith((".tmp-", "errored-", "interrupted-"))
+            and os.path.isfile(os.path.join(folder, CHECKPOINT_RECORD))
+            and os.path.isfile(os.path.join(folder, "model_index.json")))
+
+
+def find_last_checkpoint(logdir: str) -> str:
+    """The newest finished checkpoint under logdir, by the save time it records (not by file times)."""
+    newest: tuple[float, int, str] | None = None
+    for folder, subfolders, _ in os.walk(logdir):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".tmp-")]
+        if not is_finished_checkpoint(folder):
+            continue
+        try:
+            with open(os.path.join(folder, CHECKPOINT_RECORD), encoding="utf-8") as handle:
+                record = json.load(handle)
+            key = (float(record["saved_at"]), int(record["global_step"]), folder)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged record: not a checkpoint to trust
+        if newest is None or key > newest:
+            newest = key
+    if newest is None:
+        raise NoCheckpointFound(f"resume_ckpt: findlast found no finished checkpoint under {logdir!r}. Run the "
+                                "first session of the chain (with a base model in resume_ckpt) first.")
+    return newest[2]

@@ -247,7 +247,7 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES: dict[str, Any] = get_type_hints(TrainConfig)
+FIELD_TYPES: dict[str, Any] = get_type_hints(TrainConfig)
 
 
 # =================================================================================================
@@ -347,7 +347,7 @@ class LoadedConfig:
 # Typing: one coercion for JSON values and one for command-line text, with messages for people.
 # =================================================================================================
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
     base = _strip_optional(tp)
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     text = names.get(base, "a list of strings")
@@ -369,7 +369,7 @@ def coerce_json(value: Any, tp: Any) -> Any:
     if value is None:
         if _is_optional(tp):
             return None
-        raise ValueError(f"expected {_describe(tp)}, got null")
+        raise ValueError(f"expected {describe_type(tp)}, got null")
     base = _strip_optional(tp)
     if base is bool:
         if isinstance(value, bool):
@@ -390,7 +390,7 @@ def coerce_json(value: Any, tp: Any) -> Any:
             return list(value)
     else:  # pragma: no cover - a field type this module does not know
         raise TypeError(f"unsupported config type {tp}")
-    raise ValueError(f"expected {_describe(tp)}, got {json.dumps(value)}")
+    raise ValueError(f"expected {describe_type(tp)}, got {json.dumps(value)}")
 
 
 def coerce_text(text: str, tp: Any) -> Any:
@@ -411,7 +411,7 @@ def coerce_text(text: str, tp: Any) -> Any:
         if base is float:
             return float(text)
     except ValueError:
-        raise ValueError(f"expected {_describe(tp)}, got {text!r}") from None
+        raise ValueError(f"expected {describe_type(tp)}, got {text!r}") from None
     return text
 
 
@@ -492,7 +492,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> list[Co
     well_typed = True
     for name in FIELDS:
         try:
-            coerce_json(getattr(cfg, name), _TYPES[name])
+            coerce_json(getattr(cfg, name), FIELD_TYPES[name])
         except ValueError as error:
             problems.append(ConfigProblem(name, source_of(name), str(error)))
             well_typed = False
@@ -554,7 +554,7 @@ def _apply_layer(values: dict[str, Any], source: str, merged: dict[str, Any], or
             continue
         if typed:
             try:
-                value = coerce_json(value, _TYPES[key])
+                value = coerce_json(value, FIELD_TYPES[key])
             except ValueError as error:
                 problems.append(ConfigProblem(key, source, str(error)))
                 continue
@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "format); flags given here override it.")
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for name, f in FIELDS.items():
-        tp = _TYPES[name]
+        tp = FIELD_TYPES[name]
         help_text = f.metadata["help"].replace("%", "%%") + f" (default: {_default_text(name)})"
         if f.metadata["planned"]:
             help_text += " [no effect yet]"
@@ -665,7 +665,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any], list[ConfigP
                                           "--key value)."))
     typed = {}
     for key, value in values.items():
-        tp = _TYPES[key] if key in FIELDS else LEGACY_KEYS[key].type
+        tp = FIELD_TYPES[key] if key in FIELDS else LEGACY_KEYS[key].type
         if isinstance(value, str):
             try:
                 value = coerce_text(value, tp)

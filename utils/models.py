@@ -53,16 +53,20 @@ class SDModel:
         return f"{self.source}: {self.family.label}, {self.prediction_type} prediction ({sizes} parameters)"
 
 
-def load_model(resume_ckpt: str) -> SDModel:
-    """The model named by `resume_ckpt`. Raises ModelLoadError with a message for people."""
+def load_model(resume_ckpt: str, logdir: str = "logs") -> SDModel:
+    """The model named by `resume_ckpt` (`findlast` searches logdir). Raises ModelLoadError for people."""
     if resume_ckpt == BUILTIN_TINY:
         from utils.tiny_model import build_tiny_components
 
         return SDModel(**build_tiny_components(), family=SD1, source=BUILTIN_TINY)
     if resume_ckpt == FINDLAST:
-        raise ModelLoadError("resume_ckpt: findlast (continue from the newest checkpoint under logdir) is not "
-                             "implemented in this version yet; point resume_ckpt at a checkpoint folder "
-                             "under <logdir>/<run>/ckpts/ instead.")
+        from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
+
+        try:
+            folder = find_last_checkpoint(logdir)
+        except NoCheckpointFound as error:
+            raise ModelLoadError(str(error)) from None
+        return load_diffusers_folder(folder, source=f"findlast: {folder}")
     if os.path.isfile(resume_ckpt):
         raise ModelLoadError(
             f"resume_ckpt: {resume_ckpt!r} is a single file; loading .safetensors/.ckpt files directly is not "
