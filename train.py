@@ -18,8 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from utils.config import (DEFAULT_CKPT_EVERY_N_MINUTES, ConfigError, LoadedConfig, TrainConfig, load_config,
-                          short_usage, to_json_dict)
+from utils.config import (DEFAULT_CKPT_EVERY_N_MINUTES, ConfigError, ConfigProblem, LoadedConfig, TrainConfig,
+                          load_config, short_usage, to_json_dict)
 
 log = logging.getLogger("train")
 
@@ -65,17 +65,11 @@ def make_accelerator(config: TrainConfig):
 
     precision = "no" if config.disable_amp or not torch.cuda.is_available() else config.mixed_precision
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError([_problem("mixed_precision", "bf16 is not supported by this GPU: use fp16.")])
+        raise ConfigError([ConfigProblem("mixed_precision", "config", "bf16 is not supported by this GPU: use fp16.")])
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fast fp32 matmuls, ample precision for training
         torch.backends.cudnn.allow_tf32 = True
     return Accelerator(mixed_precision=precision)
-
-
-def _problem(key: str, message: str):
-    from utils.config import ConfigProblem
-
-    return ConfigProblem(key, "config", message)
 
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
@@ -95,17 +89,18 @@ def run_record(plan: RunPlan) -> dict:
             "origins": {k: v for k, v in plan.loaded.origins.items() if v != "default"}}
 
 
-def load_data(config: TrainConfig):
-    """Scan data_root; an error before any model loads if nothing is usable."""
-    from data.dataset import scan_dataset
+def scan_data(plan: RunPlan):
+    """Scan data_root (torch-free); an error before any model loads if nothing is usable."""
+    from data.items import scan_dataset
 
+    config = plan.config
     items, skipped = scan_dataset(config.data_root, config.resolution)
-    for entry in skipped:
-        log.warning("skipped %s: %s", entry.path, entry.reason)
     if not items:
-        raise ConfigError([_problem("data_root", f"{config.data_root!r} holds no usable images (.jpg, .jpeg, "
-                                    ".png, .bmp, .webp, .jfif), searched recursively.")])
-    return items
+        reasons = "".join(f"\n    {entry.path}: {entry.reason}" for entry in skipped[:10])
+        raise ConfigError([ConfigProblem("data_root", plan.loaded.origins["data_root"], f"{config.data_root!r} holds "
+                                         "no usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
+                                         f"recursively.{reasons}")])
+    return items, skipped
 
 
 @dataclass
@@ -284,12 +279,14 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         plan = plan_run(argv)
+        items, skipped = scan_data(plan)
         accelerator = make_accelerator(plan.config)
-        run_dir = start_run(plan, accelerator)
-        items = load_data(plan.config)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    run_dir = start_run(plan, accelerator)
+    for entry in skipped:
+        log.warning("skipped %s: %s", entry.path, entry.reason)
     return train(plan, accelerator, run_dir, items)
 
 

@@ -1,58 +1,19 @@
 """The training images as a torch dataset and loader.
 
-Scanning builds the image list once (captions, sizes from headers, buckets). Each epoch the plan
-(data/plan.py) decides the batches and every random choice; the loader's workers only load, crop, resize
-and flip as told, so the result does not depend on the number of workers.
+Each epoch the plan (data/plan.py) decides the batches and every random choice; the loader's workers
+only load, crop, resize and flip as told, so the result does not depend on the number of workers.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data.buckets import generate_buckets, nearest_bucket
-from data.captions import image_caption
-from data.image_io import load_image, read_image_size
+from data.image_io import load_image
+from data.items import ImageItem
 from data.plan import Sample
-from data.scan import find_images
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """A training image as scanned: where it is, what it says, and its bucket."""
-
-    path: str
-    caption: str
-    size: tuple[int, int]  # (width, height) px as displayed
-    bucket: tuple[int, int]  # (width, height) px it trains at
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    path: str
-    reason: str
-
-
-def scan_dataset(data_root: str, resolution: int) -> tuple[list[ImageItem], list[SkippedFile]]:
-    """Every usable image under data_root with its caption and bucket, and the files that were skipped."""
-    buckets = generate_buckets(resolution)
-    items, skipped = [], []
-    for path in find_images(data_root):
-        try:
-            size = read_image_size(path)
-            caption = image_caption(path)
-        except (OSError, Image.DecompressionBombError, ValueError) as error:
-            skipped.append(SkippedFile(path, f"cannot be read: {error}"))
-            continue
-        items.append(ImageItem(os.path.abspath(path), caption, size, nearest_bucket(*size, buckets)))
-    return items, skipped
 
 
 def to_model_input(pixels: np.ndarray) -> torch.Tensor:

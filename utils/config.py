@@ -656,11 +656,14 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any], list[ConfigP
     values = vars(namespace)
     config_file = values.pop("config", None)
     problems = []
+    after_unknown_flag = False
     for token in unknown:
-        if token.startswith("--"):
-            key = token[2:].split("=", 1)[0]
-            problems.append(ConfigProblem(key, "command line", f"unknown flag --{key}.{_closest_key(key)}"))
-        else:
+        if token.startswith("-"):
+            key = token.lstrip("-").split("=", 1)[0]
+            problems.append(ConfigProblem(key, "command line", f"unknown flag {token.split('=', 1)[0]}."
+                                          f"{_closest_key(key)}"))
+            after_unknown_flag = True
+        elif not after_unknown_flag:  # a value after an unknown flag belongs to it; anything else is stray
             problems.append(ConfigProblem(token, "command line", "unexpected argument (flags take the form "
                                           "--key value)."))
     typed = {}

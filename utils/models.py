@@ -105,25 +105,39 @@ def _read_json(folder: str, name: str) -> dict:
 
 
 def _download(repo_id: str) -> str:
-    """Fetch a Hugging Face repo (without its safety checker) into the cache; the local folder."""
+    """The local folder of a Hugging Face model repo: from the cache when complete, else downloaded.
+
+    The repo is looked up before downloading so that "does not exist", "gated" and "offline" each get a
+    message for people instead of a download stack trace. The safety checker is never fetched.
+    """
+    import huggingface_hub
     from diffusers import DiffusionPipeline
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     token = os.environ.get("HF_TOKEN") or os.environ.get("HF_API_TOKEN")  # EveryDream2 read HF_API_TOKEN
+    skip = dict(safety_checker=None, feature_extractor=None)
     try:
-        return DiffusionPipeline.download(repo_id, token=token, safety_checker=None, feature_extractor=None)
-    except LocalEntryNotFoundError:
+        return DiffusionPipeline.download(repo_id, token=token, local_files_only=True, **skip)
+    except OSError:
+        pass  # not (completely) in the cache: ask the Hub
+    try:
+        huggingface_hub.model_info(repo_id, token=token)
+    except GatedRepoError:
+        raise ModelLoadError(f"resume_ckpt: {repo_id!r} is gated: accept its licence on huggingface.co, then set "
+                             "HF_TOKEN to an access token.") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"resume_ckpt: {repo_id!r} is not a local folder and there is no such Hugging Face "
+                             "repo (or it is private: set HF_TOKEN). Check the spelling, e.g. "
+                             "stable-diffusion-v1-5/stable-diffusion-v1-5.") from None
+    except Exception as error:  # offline mode, no network, DNS, proxy: the Hub cannot be reached
         raise ModelLoadError(
-            f"resume_ckpt: {repo_id!r} is not a local folder and could not be downloaded from Hugging Face: "
-            "this machine is offline (or HF_HUB_OFFLINE is set) and the model is not in the local cache. "
-            "Download it once while online, or point resume_ckpt at a diffusers folder.") from None
-    except HfHubHTTPError as error:
-        status = getattr(error.response, "status_code", None)
-        hint = ("the repo does not exist, or it is gated/private: accept its licence on huggingface.co and set "
-                "HF_TOKEN" if status in (401, 403, 404) else str(error).splitlines()[0])
-        raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {hint}.") from None
-    except OSError as error:  # no network, DNS failure, disk full
-        raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {error}") from None
+            f"resume_ckpt: {repo_id!r} is not a local folder, not in the Hugging Face cache, and the Hub cannot be "
+            f"reached ({type(error).__name__}: {str(error).splitlines()[0]}). Download the model once while "
+            "online, or point resume_ckpt at a diffusers folder.") from None
+    try:
+        return DiffusionPipeline.download(repo_id, token=token, **skip)
+    except OSError as error:  # the download broke off, or the disk is full
+        raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {str(error).splitlines()[0]}") from None
 
 
 def training_noise_scheduler(model: SDModel, train_sampler: str):
