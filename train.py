@@ -30,17 +30,34 @@ log = logging.getLogger("train")
 
 @dataclass
 class RunPlan:
-    """The config plus every value derived from it, each with where it came from."""
+    """The config plus every value derived from it and from the data, each with where it came from."""
 
     config: TrainConfig
     loaded: LoadedConfig
     optimizer_settings: object  # optimizer.optimizer_config.OptimizerSettings
+    items: list  # data.items.ImageItem, the usable images
+    skipped: list  # data.items.SkippedFile
+    batches_per_epoch: int
+    schedule: object  # optimizer.optimizer_config.ScheduleSteps
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
+
+    def plan_epoch(self, epoch: int):
+        """The batches of one epoch (data/plan.py): a pure function of the images, the seed and the epoch."""
+        from data.plan import plan_epoch
+
+        return plan_epoch([item.bucket for item in self.items], self.config.seed, epoch, self.config.batch_size,
+                          flip_p=self.config.flip_p, cond_dropout=self.config.cond_dropout)
 
 
 def plan_run(argv: list[str]) -> RunPlan:
-    """Load and check the config and optimizer.json, resolve the seed and save cadence. Raises ConfigError."""
-    from optimizer.optimizer_config import load_optimizer_settings
+    """Everything decided before anything heavy loads: config, optimizer.json, data, schedule.
+
+    Torch-free, so every mistake in the settings or the data folder is reported in about a second.
+    Raises ConfigError.
+    """
+    from data.items import scan_dataset
+    from data.plan import plan_epoch
+    from optimizer.optimizer_config import load_optimizer_settings, schedule_steps
 
     loaded = load_config(argv)
     config, derived = loaded.config, []
@@ -51,7 +68,19 @@ def plan_run(argv: list[str]) -> RunPlan:
         config = dataclasses.replace(config, ckpt_every_n_minutes=DEFAULT_CKPT_EVERY_N_MINUTES)
         derived.append(f"ckpt_every_n_minutes = {DEFAULT_CKPT_EVERY_N_MINUTES} (default when no save cadence is set)")
     optimizer_settings = load_optimizer_settings(config, loaded.origins)
-    return RunPlan(config, loaded, optimizer_settings, derived + list(optimizer_settings.origins))
+    items, skipped = scan_dataset(config.data_root, config.resolution)
+    if not items:
+        reasons = "".join(f"\n    {entry.path}: {entry.reason}" for entry in skipped[:10])
+        raise ConfigError([ConfigProblem("data_root", loaded.origins["data_root"], f"{config.data_root!r} holds "
+                                         "no usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
+                                         f"recursively.{reasons}")])
+    # The number of batches depends only on the bucket counts, so epoch 0's plan gives every epoch's.
+    batches_per_epoch = len(plan_epoch([item.bucket for item in items], config.seed, 0, config.batch_size))
+    total_optimizer_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.max_epochs
+    schedule = schedule_steps(total_optimizer_steps, config.lr_scheduler, config.lr_warmup_steps,
+                              config.lr_decay_steps)
+    derived += list(optimizer_settings.origins) + [schedule.origin]
+    return RunPlan(config, loaded, optimizer_settings, items, skipped, batches_per_epoch, schedule, derived)
 
 
 # =================================================================================================
@@ -87,20 +116,6 @@ def run_record(plan: RunPlan) -> dict:
     """What a run folder and every checkpoint record about the settings."""
     return {"config": to_json_dict(plan.config), "derived": plan.derived, "config_file": plan.loaded.config_file,
             "origins": {k: v for k, v in plan.loaded.origins.items() if v != "default"}}
-
-
-def scan_data(plan: RunPlan):
-    """Scan data_root (torch-free); an error before any model loads if nothing is usable."""
-    from data.items import scan_dataset
-
-    config = plan.config
-    items, skipped = scan_dataset(config.data_root, config.resolution)
-    if not items:
-        reasons = "".join(f"\n    {entry.path}: {entry.reason}" for entry in skipped[:10])
-        raise ConfigError([ConfigProblem("data_root", plan.loaded.origins["data_root"], f"{config.data_root!r} holds "
-                                         "no usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
-                                         f"recursively.{reasons}")])
-    return items, skipped
 
 
 @dataclass
@@ -152,25 +167,21 @@ def set_attention(unet, attn_type: str) -> None:
         unet.set_attention_slice("auto")  # sdp: diffusers' default scaled-dot-product attention
 
 
-def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator, total_optimizer_steps: int):
+def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules."""
-    from optimizer.optimizers import build_lr_schedule, build_optimizer, schedule_steps
+    from optimizer.optimizers import build_lr_schedule, build_optimizer
 
-    config = plan.config
     model = trainee.model
     optimizer = build_optimizer(plan.optimizer_settings,
                                 list(model.unet.parameters()) if trainee.train_unet else [],
                                 list(model.text_encoder.parameters()) if trainee.train_text_encoder else [])
-    steps = schedule_steps(total_optimizer_steps, config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps)
-    plan.derived.append(steps.origin)
-    schedule = build_lr_schedule(optimizer, config.lr_scheduler, steps)
+    schedule = build_lr_schedule(optimizer, plan.config.lr_scheduler, plan.schedule)
     # The schedule is stepped by hand once per optimizer step; accelerate would count processes too.
     if trainee.train_unet:
         trainee.unet = accelerator.prepare(trainee.unet)
     if trainee.train_text_encoder:
         trainee.text_encoder = accelerator.prepare(trainee.text_encoder)
-    optimizer = accelerator.prepare(optimizer)
-    return optimizer, schedule
+    return accelerator.prepare(optimizer), schedule
 
 
 # =================================================================================================
@@ -244,10 +255,10 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
 # Start-up summary
 # =================================================================================================
 
-def log_summary(plan: RunPlan, trainee: Trainee, items, batches_per_epoch: int, run_dir: str, accelerator) -> None:
+def log_summary(plan: RunPlan, trainee: Trainee, run_dir: str, accelerator) -> None:
     from collections import Counter
 
-    config = plan.config
+    config, items = plan.config, plan.items
     log.info("model: %s", trainee.model.describe())
     trained = [name for name, on in (("UNet", trainee.train_unet), ("text encoder", trainee.train_text_encoder)) if on]
     log.info("training: %s on %s, mixed precision %s", " + ".join(trained), accelerator.device,
@@ -258,9 +269,8 @@ def log_summary(plan: RunPlan, trainee: Trainee, items, batches_per_epoch: int, 
     effective = config.batch_size * config.grad_accum * accelerator.num_processes
     log.info("batch: %d x grad_accum %d x %d process(es) = %d images per optimizer step", config.batch_size,
              config.grad_accum, accelerator.num_processes, effective)
-    steps_per_epoch = batches_per_epoch
     log.info("steps: %d per epoch (smaller batches close buckets that do not divide evenly), %d in %d epochs",
-             steps_per_epoch, steps_per_epoch * config.max_epochs, config.max_epochs)
+             plan.batches_per_epoch, plan.batches_per_epoch * config.max_epochs, config.max_epochs)
     for line in plan.derived:
         log.info("  %s", line)
     for note in plan.loaded.notes + list(plan.optimizer_settings.notes):
@@ -279,50 +289,40 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         plan = plan_run(argv)
-        items, skipped = scan_data(plan)
         accelerator = make_accelerator(plan.config)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
     run_dir = start_run(plan, accelerator)
-    for entry in skipped:
+    for entry in plan.skipped:
         log.warning("skipped %s: %s", entry.path, entry.reason)
-    return train(plan, accelerator, run_dir, items)
+    return train(plan, accelerator, run_dir)
 
 
-def train(plan: RunPlan, accelerator, run_dir: str | None, items) -> int:
+def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     from data.dataset import EpochBatches, default_num_workers, make_loader
-    from data.plan import plan_epoch
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
     from utils.tracker import make_tracker
 
-    config = plan.config
+    config, batches_per_epoch = plan.config, plan.batches_per_epoch
     try:
         trainee = load_trainee(config, accelerator)
     except (ModelLoadError, RuntimeError) as error:
         log.error("%s", error)
         return 2
-    buckets = [item.bucket for item in items]
-
-    def plan_for(epoch: int):
-        return plan_epoch(buckets, config.seed, epoch, config.batch_size, flip_p=config.flip_p,
-                          cond_dropout=config.cond_dropout)
-
-    batches_per_epoch = len(plan_for(0))  # the same every epoch: it depends only on the bucket counts
-    optimizer, schedule = prepare_optimizer(plan, trainee, accelerator,
-                                            math.ceil(batches_per_epoch / config.grad_accum) * config.max_epochs)
-    log_summary(plan, trainee, items, batches_per_epoch, run_dir, accelerator)
+    optimizer, schedule = prepare_optimizer(plan, trainee, accelerator)
+    log_summary(plan, trainee, run_dir, accelerator)
     tracker = make_tracker(run_dir, accelerator.is_main_process)
     tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
     epoch_batches = EpochBatches()
-    loader = make_loader(items, epoch_batches, default_num_workers() if config.num_workers is None else
+    loader = make_loader(plan.items, epoch_batches, default_num_workers() if config.num_workers is None else
                          config.num_workers, pin_memory=accelerator.device.type == "cuda")
     state, meter = LoopState(), LossMeter()
     progress = make_progress(batches_per_epoch * config.max_epochs, accelerator.is_main_process)
 
     while state.epoch < config.max_epochs:
-        epoch_batches.set_plan(plan_for(state.epoch))
+        epoch_batches.set_plan(plan.plan_epoch(state.epoch))
         meter.start_epoch()
         for state.batch_in_epoch, batch in enumerate(loader):
             loss = train_batch(trainee, batch, optimizer, schedule, config, state, batches_per_epoch, accelerator)

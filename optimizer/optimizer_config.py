@@ -17,6 +17,8 @@ from typing import Any
 from utils.config import ConfigError, ConfigProblem, TrainConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+LR_DECAY_FACTOR = 1.5  # default decay: 1.5 x the run's optimizer steps, so the lr never reaches zero
+LR_WARMUP_FRACTION = 0.02  # default warmup: 2% of the decay steps
 LR_SCALE_EXPONENT = 0.55  # scale_lr: lr x (batch_size x grad_accum)^0.55, as EveryDream2 documents
 
 TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezing", "text_encoder_lr_scale",
@@ -120,8 +122,6 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
     for key in freezing:
         if key not in FREEZING_KEYS:
             problems.append(ConfigProblem(f"text_encoder_freezing.{key}", source, _unknown(key, FREEZING_KEYS)))
-    if problems:
-        raise ConfigError(problems)
 
     cli = {"optimizer": config.optimizer, "lr": config.lr}  # training-config keys that override base
 
@@ -141,9 +141,11 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
         origins.append(f"{group}: " + ", ".join(f"{key} {value}" + ("" if origin == "default" else f" ({origin})")
                                                  for key, (value, origin) in picked.items()))
     if groups["unet"].optimizer != groups["text encoder"].optimizer:
-        raise ConfigError([ConfigProblem("text_encoder_overrides.optimizer", source,
-                                         "a different optimizer for the text encoder is not supported yet: "
-                                         "set it to null or to the UNet's optimizer.")])
+        problems.append(ConfigProblem("text_encoder_overrides.optimizer", source,
+                                      "a different optimizer for the text encoder is not supported yet: "
+                                      "set it to null or to the UNet's optimizer."))
+    if problems:  # every problem of the file at once; invalid values were left out of the groups above
+        raise ConfigError(problems)
     if config.scale_lr:
         factor = (config.batch_size * config.grad_accum) ** LR_SCALE_EXPONENT
         for group in groups:
@@ -169,3 +171,31 @@ def load_optimizer_settings(config: TrainConfig, config_origins: dict[str, str] 
     """Read optimizer_config (if present) and resolve it. Raises ConfigError."""
     data = read_optimizer_file(config.optimizer_config)
     return resolve_optimizer_settings(config, data, config.optimizer_config, config_origins)
+
+
+@dataclass(frozen=True)
+class ScheduleSteps:
+    """Warmup and decay lengths in optimizer steps, with how each was chosen."""
+
+    warmup: int
+    decay: int
+    origin: str  # e.g. "lr_decay_steps = 150 (1.5 x 100 optimizer steps)"
+
+
+def schedule_steps(total_optimizer_steps: int, lr_scheduler: str, lr_warmup_steps: int | None,
+                   lr_decay_steps: int | None) -> ScheduleSteps:
+    """The schedule's lengths: explicit values, else EveryDream2's defaults (decay 1.5x the run, warmup 2%)."""
+    if lr_decay_steps:
+        decay, decay_origin = lr_decay_steps, "set"
+    else:
+        decay = max(1, int(total_optimizer_steps * LR_DECAY_FACTOR))
+        decay_origin = f"{LR_DECAY_FACTOR} x {total_optimizer_steps:,} optimizer steps"
+    if lr_warmup_steps is not None:
+        warmup, warmup_origin = lr_warmup_steps, "set"
+    elif lr_scheduler == "constant":
+        warmup, warmup_origin = 0, "constant schedule"
+    else:
+        warmup = int(decay * LR_WARMUP_FRACTION)
+        warmup_origin = f"{LR_WARMUP_FRACTION:.0%} of lr_decay_steps"
+    origin = f"lr_decay_steps = {decay:,} ({decay_origin}), lr_warmup_steps = {warmup:,} ({warmup_origin})"
+    return ScheduleSteps(warmup, decay, origin)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers.optimization import get_scheduler
 
-from optimizer.optimizer_config import GroupSettings, OptimizerSettings
-
-LR_DECAY_FACTOR = 1.5  # default decay: 1.5 x the run's optimizer steps, so the lr never reaches zero
-LR_WARMUP_FRACTION = 0.02  # default warmup: 2% of the decay steps
+from optimizer.optimizer_config import GroupSettings, OptimizerSettings, ScheduleSteps
 
 
 def build_optimizer(settings: OptimizerSettings, unet_params: list, text_encoder_params: list) -> torch.optim.Optimizer:
@@ -29,34 +24,6 @@ def build_optimizer(settings: OptimizerSettings, unet_params: list, text_encoder
 def _group(params: list, settings: GroupSettings) -> dict:
     return dict(params=params, lr=settings.lr, betas=settings.betas, eps=settings.epsilon,
                 weight_decay=settings.weight_decay)
-
-
-@dataclass(frozen=True)
-class ScheduleSteps:
-    """Warmup and decay lengths in optimizer steps, with how each was chosen."""
-
-    warmup: int
-    decay: int
-    origin: str  # e.g. "lr_decay_steps = 150 (1.5 x 100 optimizer steps)"
-
-
-def schedule_steps(total_optimizer_steps: int, lr_scheduler: str, lr_warmup_steps: int | None,
-                   lr_decay_steps: int | None) -> ScheduleSteps:
-    """The schedule's lengths: explicit values, else EveryDream2's defaults (decay 1.5x the run, warmup 2%)."""
-    if lr_decay_steps:
-        decay, decay_origin = lr_decay_steps, "set"
-    else:
-        decay = max(1, int(total_optimizer_steps * LR_DECAY_FACTOR))
-        decay_origin = f"{LR_DECAY_FACTOR} x {total_optimizer_steps:,} optimizer steps"
-    if lr_warmup_steps is not None:
-        warmup, warmup_origin = lr_warmup_steps, "set"
-    elif lr_scheduler == "constant":
-        warmup, warmup_origin = 0, "constant schedule"
-    else:
-        warmup = int(decay * LR_WARMUP_FRACTION)
-        warmup_origin = f"{LR_WARMUP_FRACTION:.0%} of lr_decay_steps"
-    origin = f"lr_decay_steps = {decay:,} ({decay_origin}), lr_warmup_steps = {warmup:,} ({warmup_origin})"
-    return ScheduleSteps(warmup, decay, origin)
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: str, steps: ScheduleSteps):

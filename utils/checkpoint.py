@@ -7,6 +7,7 @@ place, so a crash mid-save never leaves a folder that looks finished.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -59,6 +60,8 @@ def find_last_checkpoint(logdir: str) -> str:
             with open(os.path.join(folder, CHECKPOINT_RECORD), encoding="utf-8") as handle:
                 record = json.load(handle)
             key = (float(record["saved_at"]), int(record["global_step"]), folder)
+            if not math.isfinite(key[0]):
+                raise ValueError("saved_at is not a time")
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a damaged record: not a checkpoint to trust
         if newest is None or key > newest:

@@ -87,7 +87,7 @@ def load_diffusers_folder(folder: str, source: str | None = None) -> SDModel:
         raise ModelLoadError(f"resume_ckpt: {folder}: {error}") from None
     pipeline = family.pipeline_class().from_pretrained(
         folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        torch_dtype=torch.float32)  # train in fp32 master weights whatever the file holds
+        dtype=torch.float32)  # train in fp32 master weights whatever the file holds
     parts = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     return SDModel(**parts, family=family, source=source or folder)
 

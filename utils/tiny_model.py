@@ -96,7 +96,7 @@ def _unet() -> UNet2DConditionModel:
         in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 64, 64, 64),  # SD 1.5: (320, 640, 1280, 1280)
+        block_out_channels=(32, 64, 128, 128),  # SD 1.5: (320, 640, 1280, 1280), the same ratios
         layers_per_block=2,
         attention_head_dim=8,  # SD 1.x's value (diffusers' name for the number of heads)
         cross_attention_dim=TEXT_HIDDEN_SIZE,
@@ -108,7 +108,7 @@ def _vae() -> AutoencoderKL:
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamples: the real 8x
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),  # SD: (128, 256, 512, 512)
+        block_out_channels=(16, 32, 64, 64),  # SD: (128, 256, 512, 512), the same ratios
         layers_per_block=2, norm_num_groups=16, sample_size=256,
         scaling_factor=0.18215)  # SD 1.x's latent scale
 

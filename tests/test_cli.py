@@ -1,0 +1,76 @@
+"""The command line as a user meets it: usage, --help, and config errors before anything heavy loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from utils.config import FIELDS, SUPPORTED_RESOLUTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_no_arguments_prints_usage_and_the_supported_resolutions():
+    result = run("train.py")
+    assert result.returncode == 0
+    assert "usage: python train.py --config train.json" in result.stdout
+    assert "Supported resolutions (px): " + ", ".join(str(r) for r in SUPPORTED_RESOLUTIONS) in result.stdout
+
+
+def test_help_lists_every_key_and_exits_zero():
+    result = run("train.py", "--help")
+    assert result.returncode == 0
+    for name in FIELDS:
+        assert f"--{name}" in result.stdout, name
+
+
+def test_a_bad_config_fails_with_every_problem_before_torch_is_imported(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"resume_ckpt": "builtin:tiny", "data_root": str(tmp_path / "none"),
+                                  "batch_size": -2, "resolution": 513, "flipp": 0.5}))
+    script = ("import sys, train\n"
+              f"code = train.main(['--config', {str(config)!r}, '--logdir', {str(tmp_path / 'logs')!r}])\n"
+              "print('torch imported:', 'torch' in sys.modules)\n"
+              "sys.exit(code)\n")
+    result = run("-c", script)
+    assert result.returncode == 2
+    assert "torch imported: False" in result.stdout  # so certainly no model was loaded
+    assert "4 problem(s)" in result.stderr
+    for text in ("data_root", "batch_size", "resolution", "flipp: unknown key", "Did you mean 'flip_p'?", str(config)):
+        assert text in result.stderr, text
+    assert not (tmp_path / "logs").exists()  # no run folder for a run that never started
+
+
+def test_a_folder_without_images_fails_before_any_model_loads(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    script = ("import sys, train\n"
+              f"code = train.main(['--resume_ckpt', 'builtin:tiny', '--data_root', {str(tmp_path / 'images')!r},"
+              f" '--logdir', {str(tmp_path / 'logs')!r}])\n"
+              "print('torch imported:', 'torch' in sys.modules)\n"
+              "sys.exit(code)\n")
+    result = run("-c", script)
+    assert result.returncode == 2
+    assert "holds no usable images" in result.stderr
+    assert "torch imported: False" in result.stdout
+    assert not (tmp_path / "logs").exists()
+
+
+def test_an_unreachable_model_is_a_clear_error_with_exit_code_2(tmp_path):
+    (tmp_path / "images").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (256, 256), "red").save(tmp_path / "images" / "a red square.png")
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--resume_ckpt", "nobody-here/no-such-model",
+                             "--data_root", str(tmp_path / "images"), "--logdir", str(tmp_path / "logs")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    assert "nobody-here/no-such-model" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr

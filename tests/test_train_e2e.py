@@ -1,0 +1,162 @@
+"""End to end: `python train.py --config train.json` on the tiny model and the bundled images.
+
+Each run writes only under a temporary folder (logdir and save_ckpt_dir point there).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 2
+BATCHES_PER_EPOCH = 7  # the 12 bundled images in 5 buckets (4+4+2+1+1) at batch size 2
+LOG_STEP = 2
+
+
+def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def demo_run(out: Path, *extra: str) -> dict:
+    """The demo config for EPOCHS epochs; returns the paths of its outputs."""
+    result = run_train("--config", "train.json", "--max_epochs", str(EPOCHS), "--log_step", str(LOG_STEP),
+                       "--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single"), *extra)
+    (run_dir,) = glob.glob(str(out / "logs" / "*"))
+    return {"run_dir": Path(run_dir), "single": out / "single", "output": result.stdout + result.stderr}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two identical demo runs, to check the outputs and that the same config gives the same run."""
+    root = tmp_path_factory.mktemp("demo")
+    return demo_run(root / "a"), demo_run(root / "b")
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    (folder,) = (run_dir / "ckpts").iterdir()
+    return folder
+
+
+def test_run_folder_has_events_log_and_resolved_config(runs):
+    run_dir = runs[0]["run_dir"]
+    assert re.fullmatch(r"demo-\d{8}-\d{6}", run_dir.name)
+    assert glob.glob(str(run_dir / "events.out.tfevents.*"))
+    log = (run_dir / "train.log").read_text()
+    assert f"epoch {EPOCHS}/{EPOCHS}" in log and "done:" in log and "saved" in log
+    record = json.loads((run_dir / "train_config.json").read_text())
+    assert record["config"]["resume_ckpt"] == "builtin:tiny" and record["config"]["resolution"] == 256
+    assert record["config"]["max_epochs"] == EPOCHS and record["origins"]["max_epochs"] == "command line"
+    assert any(line.startswith("lr_decay_steps =") for line in record["derived"])
+
+
+def test_tensorboard_shows_loss_and_learning_rates(runs):
+    run_dir = runs[0]["run_dir"]
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/log_step", "loss/epoch", "hyperparameter/lr unet", "hyperparameter/lr text encoder",
+            "performance/images per second", "performance/minutes per epoch"} <= tags
+    total = EPOCHS * BATCHES_PER_EPOCH
+    assert [step for step, _ in scalars(run_dir, "loss/log_step")] == list(range(LOG_STEP, total + 1, LOG_STEP))
+    assert all(value == pytest.approx(1e-4) for _, value in scalars(run_dir, "hyperparameter/lr unet"))
+    assert [step for step, _ in scalars(run_dir, "loss/epoch")] == [BATCHES_PER_EPOCH * (e + 1) for e in range(EPOCHS)]
+    assert "config/text_summary" in events.Tags()["tensors"]  # the resolved config as text
+
+
+def test_final_checkpoint_is_a_complete_diffusers_pipeline_that_generates(runs):
+    folder = final_checkpoint(runs[0]["run_dir"])
+    total = EPOCHS * BATCHES_PER_EPOCH
+    assert folder.name == f"last-demo-ep{EPOCHS:02d}-gs{total:05d}"
+    record = json.loads((folder / "checkpoint.json").read_text())
+    assert (record["global_step"], record["epoch"], record["optimizer_step"]) == (total, EPOCHS, total)
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    image = pipeline("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_single_file_holds_the_same_weights_in_the_original_sd_layout(runs):
+    folder = final_checkpoint(runs[0]["run_dir"])
+    path = runs[0]["single"] / f"{folder.name}.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        assert "model.diffusion_model.input_blocks.0.0.weight" in handle.keys()
+        assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16  # fp16 by default
+    trained = StableDiffusionPipeline.from_pretrained(folder)
+    reloaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                        safety_checker=None, requires_safety_checker=False)
+    for name in ("unet", "vae", "text_encoder"):
+        expected, actual = getattr(trained, name).state_dict(), getattr(reloaded, name).state_dict()
+        for key in expected:  # the fp16 file holds the trained fp32 weights rounded to fp16
+            assert torch.equal(actual[key].half(), expected[key].half()), (name, key)
+
+
+def test_training_changed_the_weights_and_lowered_the_loss(runs):
+    from utils.tiny_model import build_tiny_components
+
+    folder = final_checkpoint(runs[0]["run_dir"])
+    before = build_tiny_components()["unet"].state_dict()
+    after = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    epoch_losses = [value for _, value in scalars(runs[0]["run_dir"], "loss/epoch")]
+    assert epoch_losses[-1] < epoch_losses[0]
+
+
+def test_the_same_config_gives_the_same_loss_curve_and_weights(runs):
+    first, second = (run["run_dir"] for run in runs)
+    assert scalars(first, "loss/log_step") == scalars(second, "loss/log_step")
+    a = load_file(str(final_checkpoint(first) / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(final_checkpoint(second) / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_start_from_a_checkpoint_folder_with_a_frozen_text_encoder(runs, tmp_path):
+    """A diffusers folder loads as resume_ckpt; a frozen text encoder is saved untouched; grad_accum groups."""
+    start = final_checkpoint(runs[0]["run_dir"])
+    run = demo_run(tmp_path, "--resume_ckpt", str(start), "--disable_textenc_training", "--grad_accum", "2",
+                   "--max_epochs", "1", "--project_name", "warm")
+    assert "training: UNet on cpu" in run["output"]
+    assert f"model: {start}" in run["output"]
+    folder = final_checkpoint(run["run_dir"])
+    record = json.loads((folder / "checkpoint.json").read_text())
+    assert record["global_step"] == BATCHES_PER_EPOCH
+    assert record["optimizer_step"] == math.ceil(BATCHES_PER_EPOCH / 2)  # the epoch's last group is short
+    te_before = load_file(str(start / "text_encoder" / "model.safetensors"))
+    te_after = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(te_before[k], te_after[k]) for k in te_before)
+    unet_before = load_file(str(start / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet_after = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+    assert not [p for p in os.listdir(folder.parent) if p.startswith(".tmp-")]
+
+
+def test_findlast_continues_from_the_newest_checkpoint(runs, tmp_path):
+    logdir = runs[1]["run_dir"].parent
+    result = run_train("--config", "train.json", "--resume_ckpt", "findlast", "--logdir", str(logdir),
+                       "--max_epochs", "1", "--save_ckpt_dir", str(tmp_path), "--no_save_ckpt",
+                       "--project_name", "chained")
+    newest = final_checkpoint(runs[1]["run_dir"])
+    assert f"model: findlast: {newest}" in result.stdout + result.stderr
+    assert not list(tmp_path.iterdir())  # no_save_ckpt: no single file
