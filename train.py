@@ -150,8 +150,10 @@ def load_trainee(config: TrainConfig, accelerator):
     set_attention(model.unet, config.attn_type)
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if train_te:
-            model.text_encoder.gradient_checkpointing_enable()
+        if train_te:  # transformers 5 renamed the method; the old name still works, with a warning
+            enable = (getattr(model.text_encoder, "activation_checkpointing_enable", None)
+                      or model.text_encoder.gradient_checkpointing_enable)
+            enable()
     alphas = training_noise_scheduler(model, config.train_sampler).alphas_cumprod.to(accelerator.device)
     return Trainee(model, model.unet, model.text_encoder, train_unet, train_te, alphas)
 

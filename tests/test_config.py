@@ -99,6 +99,44 @@ def test_every_key_is_usable_in_json_and_on_the_command_line(tmp_path, images):
 
 # --- legacy EveryDream2 keys ----------------------------------------------------------------------
 
+# Every key EveryDream2 defines (its argparse flags and the keys of its train.json and chain*.json), by
+# name: see ../shared/reference/ED2_BEHAVIOR.md section 1.
+EVERYDREAM2_KEYS = """
+amp attn_type batch_size ckpt_every_n_minutes clip_grad_norm clip_skip cond_dropout data_root disable_amp
+disable_textenc_training disable_unet_training disable_xformers ed1_mode embedding_perturbation ema_decay_rate
+ema_device ema_resume_model ema_sample_ema_model ema_sample_nonema_model ema_strength_target
+ema_update_interval enable_zero_terminal_snr flip_p gpuid grad_accum gradient_checkpointing hf_repo_subfolder
+keep_tags load_settings_every_epoch log_step logdir loss_type lowvram lr lr_decay_steps lr_scheduler
+lr_warmup_steps max_epochs min_snr_gamma no_prepend_last no_save_ckpt notebook optimizer_config plugins
+project_name pyramid_noise_discount rated_dataset rated_dataset_target_dropout_percent resolution resume_ckpt
+run_name sample_prompts sample_steps save_ckpt_dir save_ckpts_from_n_epochs save_every_n_epochs
+save_full_precision save_optimizer scale_lr seed shuffle_tags timestep_end timestep_start train_sampler
+useadam8bit validation_config wandb write_schedule zero_frequency_noise_ratio
+""".split()
+
+
+def test_every_everydream2_key_is_known():
+    unknown = [key for key in EVERYDREAM2_KEYS if key not in FIELDS and key not in LEGACY_KEYS]
+    assert not unknown
+
+
+def test_an_everydream2_era_chain_file_loads(tmp_path, images):
+    """The shape of EveryDream2's own chain0.json: legacy keys and nulls, all accepted and explained."""
+    path = write_config(tmp_path, {
+        "amp": True, "batch_size": 12, "ckpt_every_n_minutes": None, "clip_grad_norm": None, "clip_skip": 0,
+        "cond_dropout": 0.0, "data_root": images, "disable_textenc_training": False, "disable_xformers": True,
+        "flip_p": 0.0, "ed1_mode": True, "gpuid": 0, "gradient_checkpointing": True, "grad_accum": 1,
+        "logdir": "logs", "log_step": 25, "lowvram": False, "lr": 2.5e-6, "lr_decay_steps": 0,
+        "lr_scheduler": "constant", "lr_warmup_steps": None, "max_epochs": 15, "project_name": "myproj_ch0",
+        "resolution": 384, "resume_ckpt": "findlast", "sample_prompts": "sample_prompts.txt", "sample_steps": 300,
+        "save_ckpt_dir": None, "save_every_n_epochs": 99, "save_optimizer": False, "scale_lr": False, "seed": -1,
+        "shuffle_tags": False, "useadam8bit": True, "wandb": False, "write_schedule": True})
+    loaded = load_config(["--config", path])
+    assert loaded.config.optimizer == "adamw8bit" and loaded.config.resolution == 384
+    assert any("sample_steps" in n and "no effect yet" in n for n in loaded.notes)
+    assert any("write_schedule" in n and "no effect yet" in n for n in loaded.notes)
+
+
 def test_every_legacy_key_is_accepted_and_explained(tmp_path, images):
     values = {"amp": True, "useadam8bit": False, "disable_xformers": True, "ed1_mode": True, "lowvram": False,
               "notebook": False, "gpuid": 0, "hf_repo_subfolder": None, "rated_dataset_target_dropout_rate": 40,

@@ -52,6 +52,7 @@ class ModelFamily:
 
 
 def _final_layer_norm(text_encoder) -> torch.nn.Module:
+    text_encoder = getattr(text_encoder, "module", text_encoder)  # inside DistributedDataParallel
     # transformers >= 5 flattened CLIPTextModel; older versions wrap it in `text_model`.
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
