@@ -258,7 +258,7 @@ FIELD_TYPES: dict[str, Any] = get_type_hints(TrainConfig)
 class LegacyKey:
     type: Any
     translate: Callable[[Any], tuple[dict[str, Any], str]]  # value -> (updates to real keys, note)
-    summary: str  # for the docs
+    summary: str  # for the docs and --help
 
 
 def _amp(value: bool) -> tuple[dict, str]:
@@ -273,39 +273,27 @@ def _useadam8bit(value: bool) -> tuple[dict, str]:
     return {}, "useadam8bit: false has no effect: the optimizer comes from `optimizer` or optimizer.json."
 
 
-def _no_effect(why: str) -> Callable[[Any], tuple[dict, str]]:
-    return lambda value: ({}, why)
+def _no_effect(type_: Any, why: str) -> LegacyKey:
+    """A key that does nothing any more; `why` says what to do instead."""
+    return LegacyKey(type_, lambda value: ({}, f"no effect: {why}"), f"No effect: {why}")
 
 
-def _renamed(new_key: str) -> Callable[[Any], tuple[dict, str]]:
-    return lambda value: ({new_key: value}, f"mapped to {new_key}.")
+def _renamed(type_: Any, new_key: str) -> LegacyKey:
+    return LegacyKey(type_, lambda value: ({new_key: value}, f"mapped to {new_key}."), f"Maps to `{new_key}`.")
 
 
 LEGACY_KEYS: dict[str, LegacyKey] = {
     "amp": LegacyKey(bool, _amp, "false maps to `disable_amp: true`; true has no effect (AMP is the default)."),
     "useadam8bit": LegacyKey(bool, _useadam8bit, "true maps to `optimizer: adamw8bit`."),
-    "disable_xformers": LegacyKey(bool, _no_effect(
-        "no effect: the attention kernel is chosen by attn_type (default sdp)."),
-        "No effect: choose the attention kernel with `attn_type`."),
-    "ed1_mode": LegacyKey(bool, _no_effect(
-        "no effect: EveryDream1 compatibility mode was removed in EveryDream2 and means nothing here."),
-        "No effect: EveryDream1 compatibility mode no longer exists."),
-    "lowvram": LegacyKey(bool, _no_effect(
-        "no effect: set gradient_checkpointing, batch_size and optimizer: adamw8bit yourself."),
-        "No effect: set `gradient_checkpointing`, `batch_size` and `optimizer` yourself."),
-    "notebook": LegacyKey(bool, _no_effect(
-        "no effect: progress bars adapt to terminals and notebooks by themselves."),
-        "No effect: progress bars adapt by themselves."),
-    "gpuid": LegacyKey(int, _no_effect(
-        "no effect: pick the GPU with CUDA_VISIBLE_DEVICES=N or `accelerate launch --gpu_ids N`."),
-        "No effect: use `CUDA_VISIBLE_DEVICES=N` or `accelerate launch --gpu_ids N`."),
-    "hf_repo_subfolder": LegacyKey(Union[str, None], _no_effect(
-        "no effect: download the model and point resume_ckpt at its diffusers folder."),
-        "No effect: point `resume_ckpt` at the downloaded diffusers folder."),
-    "rated_dataset_target_dropout_rate": LegacyKey(int, _renamed("rated_dataset_target_dropout_percent"),
-                                                   "Maps to `rated_dataset_target_dropout_percent`."),
-    "ema_decay_resume_model": LegacyKey(Union[str, None], _renamed("ema_resume_model"),
-                                        "Maps to `ema_resume_model`."),
+    "disable_xformers": _no_effect(bool, "the attention kernel is chosen by `attn_type` (default sdp)."),
+    "ed1_mode": _no_effect(bool, "EveryDream1 compatibility mode was removed in EveryDream2 and means nothing here."),
+    "lowvram": _no_effect(bool, "set `gradient_checkpointing`, `batch_size` and `optimizer: adamw8bit` yourself."),
+    "notebook": _no_effect(bool, "progress bars adapt to terminals and notebooks by themselves."),
+    "gpuid": _no_effect(int, "pick the GPU with `CUDA_VISIBLE_DEVICES=N` or `accelerate launch --gpu_ids N`."),
+    "hf_repo_subfolder": _no_effect(Union[str, None], "download the model and point `resume_ckpt` at its "
+                                                      "diffusers folder."),
+    "rated_dataset_target_dropout_rate": _renamed(int, "rated_dataset_target_dropout_percent"),
+    "ema_decay_resume_model": _renamed(Union[str, None], "ema_resume_model"),
 }
 
 
