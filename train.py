@@ -2,9 +2,9 @@
 
     python train.py --config train.json [--key value ...]
 
-Phases, top to bottom: config -> run folder and logging -> data -> model -> optimizer -> loop -> final
-save. Everything a phase needs is built by the phase before it; the loop's changing state lives in
-LoopState.
+Phases, top to bottom: plan (config, optimizer.json, data scan, schedule; torch-free) -> accelerator ->
+run folder and logging -> model -> optimizer -> loop -> final save. Everything a phase needs is built by
+the phase before it; the loop's changing state lives in LoopState.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ class RunPlan:
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
 
     def plan_epoch(self, epoch: int):
-        """The batches of one epoch (data/plan.py): a pure function of the images, the seed and the epoch."""
-        from data.plan import plan_epoch
+        return epoch_plan(self.config, self.items, epoch)
 
-        return plan_epoch([item.bucket for item in self.items], self.config.seed, epoch, self.config.batch_size,
-                          flip_p=self.config.flip_p, cond_dropout=self.config.cond_dropout)
+
+def epoch_plan(config: TrainConfig, items: list, epoch: int):
+    """The batches of one epoch (data/plan.py): a pure function of the images, the seed and the epoch."""
+    from data.plan import plan_epoch
+
+    return plan_epoch([item.bucket for item in items], config.seed, epoch, config.batch_size,
+                      flip_p=config.flip_p, cond_dropout=config.cond_dropout)
 
 
 def plan_run(argv: list[str]) -> RunPlan:
@@ -56,7 +60,6 @@ def plan_run(argv: list[str]) -> RunPlan:
     Raises ConfigError.
     """
     from data.items import scan_dataset
-    from data.plan import plan_epoch
     from optimizer.optimizer_config import load_optimizer_settings, schedule_steps
 
     loaded = load_config(argv)
@@ -75,7 +78,7 @@ def plan_run(argv: list[str]) -> RunPlan:
                                          "no usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
                                          f"recursively.{reasons}")])
     # The number of batches depends only on the bucket counts, so epoch 0's plan gives every epoch's.
-    batches_per_epoch = len(plan_epoch([item.bucket for item in items], config.seed, 0, config.batch_size))
+    batches_per_epoch = len(epoch_plan(config, items, 0))
     total_optimizer_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.max_epochs
     schedule = schedule_steps(total_optimizer_steps, config.lr_scheduler, config.lr_warmup_steps,
                               config.lr_decay_steps)
@@ -84,7 +87,7 @@ def plan_run(argv: list[str]) -> RunPlan:
 
 
 # =================================================================================================
-# Phases 2-5: accelerator, run folder, data, model, optimizer
+# Phases 2-5: accelerator, run folder, model, optimizer
 # =================================================================================================
 
 def make_accelerator(config: TrainConfig):
@@ -130,8 +133,8 @@ class Trainee:
     alphas_cumprod: object  # the training schedule's ᾱ_t, on the device
 
     def trained_parameters(self) -> list:
-        modules = [m for m, on in ((self.model.unet, self.train_unet), (self.model.text_encoder, self.train_text_encoder)) if on]
-        return [p for module in modules for p in module.parameters()]
+        parts = ((self.model.unet, self.train_unet), (self.model.text_encoder, self.train_text_encoder))
+        return [p for module, trained in parts if trained for p in module.parameters()]
 
 
 def load_trainee(config: TrainConfig, accelerator):
@@ -218,14 +221,21 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
 # Periodic actions
 # =================================================================================================
 
-def periodic_save_due(config: TrainConfig, state, end_of_epoch: bool) -> bool:
-    """Whether a periodic checkpoint is due now (the final save is separate)."""
+def periodic_save_due(config: TrainConfig, state, end_of_epoch: bool, accelerator) -> bool:
+    """Whether a periodic checkpoint is due now (the final save is separate).
+
+    The minutes are the main process's clock, shared with the others, so all processes agree.
+    """
     if state.epoch < config.save_ckpts_from_n_epochs:
         return False
     by_epochs = (end_of_epoch and bool(config.save_every_n_epochs) and state.epoch % config.save_every_n_epochs == 0
                  and state.epoch < config.max_epochs)
     by_minutes = (bool(config.ckpt_every_n_minutes)
                   and state.elapsed_seconds - state.last_save_seconds >= config.ckpt_every_n_minutes * 60)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        by_minutes = broadcast_object_list([by_minutes])[0]
     return by_epochs or by_minutes
 
 
@@ -235,6 +245,7 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
     from utils.single_file import save_single_file
 
     accelerator.wait_for_everyone()
+    state.last_save_seconds = state.elapsed_seconds  # on every process: they decide the next save together
     if not accelerator.is_main_process:
         return
     config, model = plan.config, trainee.model
@@ -250,7 +261,6 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
         path = save_single_file(os.path.join(target_dir, name + ".safetensors"), model.family.name, model.unet,
                                 model.vae, model.text_encoder, half=not config.save_full_precision)
         log.info("saved %s (%s)", path, "fp32" if config.save_full_precision else "fp16")
-    state.last_save_seconds = state.elapsed_seconds
 
 
 # =================================================================================================
@@ -335,12 +345,12 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                                  lr=f"{schedule.get_last_lr()[0]:.2e}")
             if state.global_step % config.log_step == 0:
                 tracker.scalars(meter.log_step_scalars(schedule, trainee, config.batch_size), state.global_step)
-            if periodic_save_due(config, state, end_of_epoch=False):
+            if periodic_save_due(config, state, False, accelerator):
                 save_checkpoint(plan, trainee, state, run_dir, accelerator)
         state.epoch += 1
         tracker.scalars(meter.epoch_scalars(), state.global_step)
         log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
-        if periodic_save_due(config, state, end_of_epoch=True):
+        if periodic_save_due(config, state, True, accelerator):
             save_checkpoint(plan, trainee, state, run_dir, accelerator)
 
     progress.close()

@@ -164,14 +164,17 @@ def test_findlast_continues_from_the_newest_checkpoint(runs, tmp_path):
 
 def test_training_options_run_together(tmp_path):
     """Code paths the demo does not take: checkpointing, clip_skip, sliced attention, clipping, a cosine
-    schedule with warmup, flips, 8-bit AdamW, another training sampler, a random seed, fp32 single file."""
-    run = demo_run(tmp_path, "--max_epochs", "1", "--gradient_checkpointing", "--clip_skip", "2",
-                   "--attn_type", "slice", "--clip_grad_norm", "1", "--lr_scheduler", "cosine",
+    schedule with warmup, flips, 8-bit AdamW, another training sampler, a random seed, fp32 single files,
+    and a periodic save every epoch."""
+    run = demo_run(tmp_path, "--max_epochs", "2", "--save_every_n_epochs", "1", "--gradient_checkpointing",
+                   "--clip_skip", "2", "--attn_type", "slice", "--clip_grad_norm", "1", "--lr_scheduler", "cosine",
                    "--lr_warmup_steps", "2", "--flip_p", "0.5", "--optimizer", "adamw8bit", "--train_sampler", "ddim",
                    "--seed", "-1", "--save_full_precision", "--log_step", "1")
     assert "seed = " in run["output"] and "(random, from seed: -1)" in run["output"]
     lrs = [value for _, value in scalars(run["run_dir"], "hyperparameter/lr unet")]
     assert lrs[0] < lrs[1] and lrs[1] > lrs[-1]  # warmup, then cosine decay
-    folder = final_checkpoint(run["run_dir"])
-    with safe_open(str(run["single"] / f"{folder.name}.safetensors"), "pt") as handle:
-        assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float32
+    saves = sorted(p.name for p in (run["run_dir"] / "ckpts").iterdir())
+    assert saves == [f"demo-ep01-gs{BATCHES_PER_EPOCH:05d}", f"last-demo-ep02-gs{2 * BATCHES_PER_EPOCH:05d}"]
+    for name in saves:
+        with safe_open(str(run["single"] / f"{name}.safetensors"), "pt") as handle:
+            assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float32
