@@ -10,6 +10,7 @@ the phase before it; the loop's changing state lives in LoopState.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -18,31 +19,32 @@ import sys
 import time
 from dataclasses import dataclass
 
-from utils.config import (DEFAULT_CKPT_EVERY_N_MINUTES, ConfigError, ConfigProblem, LoadedConfig, TrainConfig,
-                          load_config, short_usage, to_json_dict)
+from utils.config import (DEFAULT_CKPT_EVERY_N_MINUTES, FINDLAST, ConfigError, ConfigProblem, LoadedConfig,
+                          TrainConfig, automatic_num_workers, load_config, short_usage, to_json_dict)
 
 log = logging.getLogger("train")
 
 
 # =================================================================================================
-# Phase 1: configuration (torch-free, so a bad config fails before anything heavy is imported)
+# Phase 1: the plan. Torch-free, so every mistake in the settings or the data is reported in a second.
 # =================================================================================================
 
 @dataclass
 class RunPlan:
     """The config plus every value derived from it and from the data, each with where it came from."""
 
-    config: TrainConfig
-    loaded: LoadedConfig
+    config: TrainConfig  # as resolved: seed, save cadence, findlast and num_workers filled in
+    loaded: LoadedConfig  # as given, with the origin of each value and the notes about legacy keys
     optimizer_settings: object  # optimizer.optimizer_config.OptimizerSettings
-    items: list  # data.items.ImageItem, the usable images
+    items: list  # data.items.ImageItem: the usable images
     skipped: list  # data.items.SkippedFile
     batches_per_epoch: int
     schedule: object  # optimizer.optimizer_config.ScheduleSteps
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
 
-    def plan_epoch(self, epoch: int):
-        return epoch_plan(self.config, self.items, epoch)
+    @property
+    def total_batches(self) -> int:
+        return self.batches_per_epoch * self.config.max_epochs
 
 
 def epoch_plan(config: TrainConfig, items: list, epoch: int):
@@ -54,34 +56,49 @@ def epoch_plan(config: TrainConfig, items: list, epoch: int):
 
 
 def plan_run(argv: list[str]) -> RunPlan:
-    """Everything decided before anything heavy loads: config, optimizer.json, data, schedule.
-
-    Torch-free, so every mistake in the settings or the data folder is reported in about a second.
-    Raises ConfigError.
-    """
+    """Everything decided before anything heavy loads. Raises ConfigError listing every problem."""
     from data.items import scan_dataset
     from optimizer.optimizer_config import load_optimizer_settings, schedule_steps
+    from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
 
     loaded = load_config(argv)
-    config, derived = loaded.config, []
+    config, derived, problems = loaded.config, [], []
+
+    def resolve(key: str, value, origin: str) -> None:
+        nonlocal config
+        config = dataclasses.replace(config, **{key: value})
+        derived.append(f"{key} = {value} ({origin})")
+
     if config.seed == -1:
-        config = dataclasses.replace(config, seed=random.SystemRandom().randint(0, 2**31 - 1))
-        derived.append(f"seed = {config.seed} (random, from seed: -1)")
+        resolve("seed", random.SystemRandom().randint(0, 2**31 - 1), "random, from seed: -1")
     if config.ckpt_every_n_minutes is None and not config.save_every_n_epochs:
-        config = dataclasses.replace(config, ckpt_every_n_minutes=DEFAULT_CKPT_EVERY_N_MINUTES)
-        derived.append(f"ckpt_every_n_minutes = {DEFAULT_CKPT_EVERY_N_MINUTES} (default when no save cadence is set)")
+        resolve("ckpt_every_n_minutes", DEFAULT_CKPT_EVERY_N_MINUTES, "default when no save cadence is set")
+    if config.num_workers is None:
+        resolve("num_workers", automatic_num_workers(), "automatic: CPU cores - 1, at most 8")
+    if config.resume_ckpt == FINDLAST:
+        try:
+            resolve("resume_ckpt", find_last_checkpoint(config.logdir), f"findlast: newest finished checkpoint "
+                    f"under {config.logdir}")
+        except NoCheckpointFound as error:
+            problems.append(ConfigProblem("resume_ckpt", loaded.origins["resume_ckpt"], str(error)))
     optimizer_settings = load_optimizer_settings(config, loaded.origins)
+    for needed, package, key in ((optimizer_settings.unet.optimizer == "adamw8bit", "bitsandbytes", "optimizer"),
+                                 (config.attn_type == "xformers", "xformers", "attn_type")):
+        if needed and importlib.util.find_spec(package) is None:
+            problems.append(ConfigProblem(key, loaded.origins[key], f"needs the {package} package, which is not "
+                                          f"installed: pip install {package}"))
     items, skipped = scan_dataset(config.data_root, config.resolution)
     if not items:
         reasons = "".join(f"\n    {entry.path}: {entry.reason}" for entry in skipped[:10])
-        raise ConfigError([ConfigProblem("data_root", loaded.origins["data_root"], f"{config.data_root!r} holds "
-                                         "no usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
-                                         f"recursively.{reasons}")])
+        problems.append(ConfigProblem("data_root", loaded.origins["data_root"], f"{config.data_root!r} holds no "
+                                      "usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
+                                      f"recursively.{reasons}"))
+    if problems:
+        raise ConfigError(problems)
     # The number of batches depends only on the bucket counts, so epoch 0's plan gives every epoch's.
     batches_per_epoch = len(epoch_plan(config, items, 0))
-    total_optimizer_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.max_epochs
-    schedule = schedule_steps(total_optimizer_steps, config.lr_scheduler, config.lr_warmup_steps,
-                              config.lr_decay_steps)
+    schedule = schedule_steps(math.ceil(batches_per_epoch / config.grad_accum) * config.max_epochs,
+                              config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps)
     derived += list(optimizer_settings.origins) + [schedule.origin]
     return RunPlan(config, loaded, optimizer_settings, items, skipped, batches_per_epoch, schedule, derived)
 
@@ -90,66 +107,79 @@ def plan_run(argv: list[str]) -> RunPlan:
 # Phases 2-5: accelerator, run folder, model, optimizer
 # =================================================================================================
 
-def make_accelerator(config: TrainConfig):
-    """accelerate handles the device, mixed precision and (later) several processes."""
+def make_accelerator(plan: RunPlan):
+    """accelerate handles the device and mixed precision. Raises ConfigError."""
     import torch
     from accelerate import Accelerator
 
-    precision = "no" if config.disable_amp or not torch.cuda.is_available() else config.mixed_precision
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError([ConfigProblem("mixed_precision", "config", "bf16 is not supported by this GPU: use fp16.")])
-    if torch.cuda.is_available():
+    config = plan.config
+    cuda = torch.cuda.is_available()
+    precision = "no" if config.disable_amp or not cuda else config.mixed_precision
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError([ConfigProblem("mixed_precision", plan.loaded.origins["mixed_precision"],
+                                         "bf16 needs an Ampere or newer GPU: use fp16.")])
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fast fp32 matmuls, ample precision for training
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision=precision)
+    accelerator = Accelerator(mixed_precision=precision)
+    if accelerator.num_processes > 1:
+        raise ConfigError([ConfigProblem("accelerate launch", "command line", f"{accelerator.num_processes} "
+                                         "processes: this version trains on one GPU (every process would train the "
+                                         "same batches). Run python train.py, or accelerate launch with one process.")])
+    why = "disable_amp" if config.disable_amp else ("mixed_precision" if cuda else "CPU trains in fp32")
+    plan.derived.append(f"mixed precision = {precision} ({why}) on {accelerator.device}")
+    return accelerator
 
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
-    """Create the run folder and logging (main process only); the folder, or None on other processes."""
-    from utils.run_folder import CONFIG_FILE, create_run_folder, setup_logging, write_json
+    """The run folder with the settings in it, and logging into it; None on processes other than the main."""
+    from utils.run_folder import create_run_folder, setup_logging, write_run_settings
 
     run_dir = create_run_folder(plan.config.logdir, plan.config.project_name) if accelerator.is_main_process else None
     setup_logging(run_dir)
     if run_dir:
-        write_json(os.path.join(run_dir, CONFIG_FILE), run_record(plan))
+        write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan))
     return run_dir
 
 
-def run_record(plan: RunPlan) -> dict:
-    """What a run folder and every checkpoint record about the settings."""
-    return {"config": to_json_dict(plan.config), "derived": plan.derived, "config_file": plan.loaded.config_file,
-            "origins": {k: v for k, v in plan.loaded.origins.items() if v != "default"}}
+def run_info(plan: RunPlan) -> dict:
+    """Where the settings came from, beside the settings themselves."""
+    return {"config_file": plan.loaded.config_file, "derived": plan.derived,
+            "origins": {k: v for k, v in plan.loaded.origins.items() if v != "default"},
+            "notes": plan.loaded.notes + list(plan.optimizer_settings.notes)}
 
 
 @dataclass
 class Trainee:
-    """The model being trained, placed on the device: which parts train and how they are called."""
+    """The model being trained, placed on the device, and which of its parts train."""
 
-    model: object  # utils.models.SDModel (modules unwrapped, for saving)
-    unet: object  # the UNet as called in training (wrapped by accelerate when trained)
-    text_encoder: object
+    model: object  # utils.models.SDModel: the plain modules, for saving
+    unet: object  # the UNet as called in training (wrapped by accelerate when it trains)
+    text_encoder: object  # likewise
     train_unet: bool
     train_text_encoder: bool
     alphas_cumprod: object  # the training schedule's ᾱ_t, on the device
 
-    def trained_parameters(self) -> list:
-        parts = ((self.model.unet, self.train_unet), (self.model.text_encoder, self.train_text_encoder))
-        return [p for module, trained in parts if trained for p in module.parameters()]
+    def trained_parts(self) -> dict:
+        """{"unet": module, "text encoder": module} for the parts that train, as called in training."""
+        parts = {"unet": (self.unet, self.train_unet), "text encoder": (self.text_encoder, self.train_text_encoder)}
+        return {name: module for name, (module, trained) in parts.items() if trained}
 
 
-def load_trainee(config: TrainConfig, accelerator):
-    """Load the model and set which parts train, their precision, attention and checkpointing."""
+def load_trainee(config: TrainConfig, accelerator) -> Trainee:
+    """Load the model and set which parts train, their attention kernel and checkpointing."""
     import torch
 
     from utils.models import load_model, training_noise_scheduler
 
     model = load_model(config.resume_ckpt, config.logdir)
     train_unet, train_te = not config.disable_unet_training, not config.disable_textenc_training
-    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module, trained in ((model.unet, train_unet), (model.text_encoder, train_te), (model.vae, False)):
         module.requires_grad_(trained)  # frozen: no gradients at all, so no graph and no memory for them
         module.train(trained)
-        module.to(accelerator.device, dtype=torch.float32 if trained else frozen_dtype)
+        # All weights stay fp32, frozen ones too: mixed precision computes under autocast, and what is saved
+        # is exactly what was loaded or trained, never a copy rounded to fp16.
+        module.to(accelerator.device, dtype=torch.float32)
     set_attention(model.unet, config.attn_type)
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -162,35 +192,33 @@ def load_trainee(config: TrainConfig, accelerator):
 
 
 def set_attention(unet, attn_type: str) -> None:
+    """sdp is diffusers' default (PyTorch's scaled-dot-product attention); the others are switched on."""
     if attn_type == "xformers":
         try:
             unet.enable_xformers_memory_efficient_attention()
-        except Exception as error:  # diffusers raises ModuleNotFoundError/ValueError when it is unusable
-            raise RuntimeError(f"attn_type: xformers cannot be used ({error}). Install it with `pip install "
-                               "xformers` (CUDA only), or use attn_type: sdp.") from None
+        except Exception as error:  # installed but unusable here (no CUDA, a build for another torch)
+            raise RuntimeError(f"attn_type: xformers cannot be used here ({error}). Use attn_type: sdp.") from None
     elif attn_type == "slice":
-        unet.set_attention_slice("auto")  # sdp: diffusers' default scaled-dot-product attention
+        unet.set_attention_slice("auto")
 
 
 def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules."""
     from optimizer.optimizers import build_lr_schedule, build_optimizer
 
-    model = trainee.model
-    optimizer = build_optimizer(plan.optimizer_settings,
-                                list(model.unet.parameters()) if trainee.train_unet else [],
-                                list(model.text_encoder.parameters()) if trainee.train_text_encoder else [])
+    parts = trainee.trained_parts()
+    optimizer = build_optimizer(plan.optimizer_settings, {name: list(m.parameters()) for name, m in parts.items()})
     schedule = build_lr_schedule(optimizer, plan.config.lr_scheduler, plan.schedule)
     # The schedule is stepped by hand once per optimizer step; accelerate would count processes too.
-    if trainee.train_unet:
+    if "unet" in parts:
         trainee.unet = accelerator.prepare(trainee.unet)
-    if trainee.train_text_encoder:
+    if "text encoder" in parts:
         trainee.text_encoder = accelerator.prepare(trainee.text_encoder)
     return accelerator.prepare(optimizer), schedule
 
 
 # =================================================================================================
-# The training step
+# One batch
 # =================================================================================================
 
 def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: int, accelerator):
@@ -201,41 +229,75 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
 
     model, device = trainee.model, accelerator.device
     generator = step_generator(config.seed, global_step, device)
-    with torch.no_grad():
-        pixels = batch["pixels"].to(device, dtype=model.vae.dtype, non_blocking=True)
-        latents = model.vae.encode(pixels).latent_dist.sample(generator).float() * model.vae.config.scaling_factor
-    noise = sample_noise(latents, generator, config.zero_frequency_noise_ratio)
-    timesteps = sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator, device)
-    noisy_latents = add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
-    input_ids = model.family.tokenize(model.tokenizer, batch["captions"]).to(device)
-    with torch.set_grad_enabled(trainee.train_text_encoder):
-        conditioning = model.family.encode(trainee.text_encoder, input_ids, config.clip_skip)
     with accelerator.autocast():
+        with torch.no_grad():
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            latents = model.vae.encode(pixels).latent_dist.sample(generator).float() * model.vae.config.scaling_factor
+        noise = sample_noise(latents, generator, config.zero_frequency_noise_ratio)
+        timesteps = sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator, device)
+        noisy_latents = add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
+        with torch.set_grad_enabled(trainee.train_text_encoder):
+            conditioning = model.family.encode(trainee.text_encoder, batch["input_ids"].to(device), config.clip_skip)
         prediction = trainee.unet(noisy_latents, timesteps, conditioning.hidden_states,
                                   **conditioning.unet_kwargs).sample
     target = training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
     return mse_loss(prediction, target)
 
 
+def train_batch(trainee: Trainee, batch: dict, index: int, optimizer, schedule, plan: RunPlan, state,
+                accelerator):
+    """Accumulate one batch's gradients (its loss, or None if none of its images could be read); step the
+    optimizer when the batch ends its grad_accum group.
+
+    Groups are counted within the epoch, and the epoch's last group may be shorter: each batch's loss is
+    divided by its group's real size, so a group's update is the average over its batches.
+    """
+    config = plan.config
+    group_start = index - index % config.grad_accum
+    group_size = min(config.grad_accum, plan.batches_per_epoch - group_start)
+    steps_now = index == group_start + group_size - 1
+    loss = None
+    if batch["pixels"] is not None:
+        with gradient_sync(accelerator, trainee, enabled=steps_now):
+            loss = train_step(trainee, batch, config, state.global_step, accelerator)
+            accelerator.backward(loss / group_size)
+    parameters = [p for module in trainee.trained_parts().values() for p in module.parameters()]
+    if steps_now and any(p.grad is not None for p in parameters):  # none: every image of the group was unreadable
+        if config.clip_grad_norm:
+            accelerator.clip_grad_norm_(parameters, config.clip_grad_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
+            schedule.step()
+            state.optimizer_step += 1
+        optimizer.zero_grad(set_to_none=True)
+    return None if loss is None else loss.detach()
+
+
+def gradient_sync(accelerator, trainee: Trainee, enabled: bool):
+    """Skip the cross-process gradient all-reduce on batches that do not end an accumulation group."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    if not enabled:
+        for module in trainee.trained_parts().values():
+            stack.enter_context(accelerator.no_sync(module))
+    return stack
+
+
 # =================================================================================================
 # Periodic actions
 # =================================================================================================
 
-def periodic_save_due(config: TrainConfig, state, end_of_epoch: bool, accelerator) -> bool:
-    """Whether a periodic checkpoint is due now (the final save is separate).
-
-    The minutes are the main process's clock, shared with the others, so all processes agree.
-    """
-    if state.epoch < config.save_ckpts_from_n_epochs:
+def periodic_save_due(plan: RunPlan, state, end_of_epoch: bool) -> bool:
+    """Whether a periodic checkpoint is due now. Never twice at one step, never at the last step (the final
+    save is that one)."""
+    config = plan.config
+    if (state.epoch < config.save_ckpts_from_n_epochs or state.global_step == state.last_save_step
+            or state.global_step == plan.total_batches):
         return False
-    by_epochs = (end_of_epoch and bool(config.save_every_n_epochs) and state.epoch % config.save_every_n_epochs == 0
-                 and state.epoch < config.max_epochs)
+    by_epochs = end_of_epoch and bool(config.save_every_n_epochs) and state.epoch % config.save_every_n_epochs == 0
     by_minutes = (bool(config.ckpt_every_n_minutes)
                   and state.elapsed_seconds - state.last_save_seconds >= config.ckpt_every_n_minutes * 60)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        by_minutes = broadcast_object_list([by_minutes])[0]
     return by_epochs or by_minutes
 
 
@@ -245,7 +307,7 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
     from utils.single_file import save_single_file
 
     accelerator.wait_for_everyone()
-    state.last_save_seconds = state.elapsed_seconds  # on every process: they decide the next save together
+    state.last_save_seconds, state.last_save_step = state.elapsed_seconds, state.global_step
     if not accelerator.is_main_process:
         return
     config, model = plan.config, trainee.model
@@ -253,7 +315,7 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
     pipeline = model.family.pipeline_class()(**model.components(), safety_checker=None, feature_extractor=None,
                                             requires_safety_checker=False)
     record = {**state.to_dict(), "family": model.family.name, "base_model": model.source}
-    folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, run_record(plan))
+    folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, to_json_dict(config))
     log.info("saved %s", folder)
     if not config.no_save_ckpt:
         target_dir = config.save_ckpt_dir or os.getcwd()
@@ -272,20 +334,17 @@ def log_summary(plan: RunPlan, trainee: Trainee, run_dir: str, accelerator) -> N
 
     config, items = plan.config, plan.items
     log.info("model: %s", trainee.model.describe())
-    trained = [name for name, on in (("UNet", trainee.train_unet), ("text encoder", trainee.train_text_encoder)) if on]
-    log.info("training: %s on %s, mixed precision %s", " + ".join(trained), accelerator.device,
-             accelerator.mixed_precision)
+    log.info("training: %s", " + ".join(trainee.trained_parts()))
     buckets = Counter(item.bucket for item in items)
     log.info("data: %d images in %s, %d buckets at resolution %d: %s", len(items), config.data_root, len(buckets),
              config.resolution, ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())))
-    effective = config.batch_size * config.grad_accum * accelerator.num_processes
-    log.info("batch: %d x grad_accum %d x %d process(es) = %d images per optimizer step", config.batch_size,
-             config.grad_accum, accelerator.num_processes, effective)
+    log.info("batch: %d x grad_accum %d = %d images per optimizer step", config.batch_size, config.grad_accum,
+             config.batch_size * config.grad_accum)
     log.info("steps: %d per epoch (smaller batches close buckets that do not divide evenly), %d in %d epochs",
-             plan.batches_per_epoch, plan.batches_per_epoch * config.max_epochs, config.max_epochs)
+             plan.batches_per_epoch, plan.total_batches, config.max_epochs)
     for line in plan.derived:
         log.info("  %s", line)
-    for note in plan.loaded.notes + list(plan.optimizer_settings.notes):
+    for note in run_info(plan)["notes"]:
         log.warning("note: %s", note)
     log.info("run folder: %s (tensorboard --logdir %s)", run_dir, config.logdir)
     log.info("single-file checkpoints: %s", "off" if config.no_save_ckpt else (config.save_ckpt_dir or os.getcwd()))
@@ -301,23 +360,24 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         plan = plan_run(argv)
-        accelerator = make_accelerator(plan.config)
+        accelerator = make_accelerator(plan)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
     run_dir = start_run(plan, accelerator)
-    for entry in plan.skipped:
-        log.warning("skipped %s: %s", entry.path, entry.reason)
     return train(plan, accelerator, run_dir)
 
 
 def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
-    from data.dataset import EpochBatches, default_num_workers, make_loader
+    import functools
+
+    from data.dataset import EpochBatches, make_loader
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
+    from utils.run_folder import SkipReport
     from utils.tracker import make_tracker
 
-    config, batches_per_epoch = plan.config, plan.batches_per_epoch
+    config = plan.config
     try:
         trainee = load_trainee(config, accelerator)
     except (ModelLoadError, RuntimeError) as error:
@@ -327,72 +387,39 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     log_summary(plan, trainee, run_dir, accelerator)
     tracker = make_tracker(run_dir, accelerator.is_main_process)
     tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
+    skipped = SkipReport(run_dir, plan.skipped)
     epoch_batches = EpochBatches()
-    loader = make_loader(plan.items, epoch_batches, default_num_workers() if config.num_workers is None else
-                         config.num_workers, pin_memory=accelerator.device.type == "cuda")
-    state, meter = LoopState(), LossMeter()
-    progress = make_progress(batches_per_epoch * config.max_epochs, accelerator.is_main_process)
+    model = trainee.model
+    loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=accelerator.device.type == "cuda",
+                         tokenize=functools.partial(model.family.tokenize, model.tokenizer))
+    state, meter = LoopState(), LossMeter(config.batch_size)
+    progress = make_progress(plan.total_batches, accelerator.is_main_process)
 
     while state.epoch < config.max_epochs:
-        epoch_batches.set_plan(plan.plan_epoch(state.epoch))
+        epoch_batches.set_plan(epoch_plan(config, plan.items, state.epoch))
         meter.start_epoch()
-        for state.batch_in_epoch, batch in enumerate(loader):
-            loss = train_batch(trainee, batch, optimizer, schedule, config, state, batches_per_epoch, accelerator)
-            state.global_step += 1
-            state.elapsed_seconds = meter.add(loss)
+        for index, batch in enumerate(loader):
+            skipped.add(batch["failed"])
+            loss = train_batch(trainee, batch, index, optimizer, schedule, plan, state, accelerator)
+            state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
+            state.elapsed_seconds += meter.add(loss)
             progress.update(1)
-            progress.set_postfix(epoch=f"{state.epoch + 1}/{config.max_epochs}", loss=f"{loss:.4f}",
-                                 lr=f"{schedule.get_last_lr()[0]:.2e}")
             if state.global_step % config.log_step == 0:
-                tracker.scalars(meter.log_step_scalars(schedule, trainee, config.batch_size), state.global_step)
-            if periodic_save_due(config, state, False, accelerator):
+                tracker.scalars(meter.log_step_scalars(optimizer), state.global_step)
+                progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, optimizer))
+            if periodic_save_due(plan, state, end_of_epoch=False):
                 save_checkpoint(plan, trainee, state, run_dir, accelerator)
-        state.epoch += 1
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         tracker.scalars(meter.epoch_scalars(), state.global_step)
         log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
-        if periodic_save_due(config, state, True, accelerator):
+        if periodic_save_due(plan, state, end_of_epoch=True):
             save_checkpoint(plan, trainee, state, run_dir, accelerator)
 
     progress.close()
     save_checkpoint(plan, trainee, state, run_dir, accelerator, prefix="" if config.no_prepend_last else "last-")
     tracker.close()
-    log.info("done: %d steps in %.1f min", state.global_step, state.elapsed_seconds / 60)
+    log.info("done: %d steps in %.1f min%s", state.global_step, state.elapsed_seconds / 60, skipped.summary())
     return 0
-
-
-def train_batch(trainee: Trainee, batch: dict, optimizer, schedule, config: TrainConfig, state,
-                batches_per_epoch: int, accelerator) -> float:
-    """Accumulate one batch's gradients; step the optimizer when its grad_accum group is complete.
-
-    Groups are counted within the epoch, and the epoch's last group may be shorter: each batch's loss is
-    divided by its group's real size, so a group's update is the average over its batches.
-    """
-    group_start = state.batch_in_epoch - state.batch_in_epoch % config.grad_accum
-    group_size = min(config.grad_accum, batches_per_epoch - group_start)
-    steps_now = state.batch_in_epoch == group_start + group_size - 1
-    with gradient_sync(accelerator, trainee, enabled=steps_now):
-        loss = train_step(trainee, batch, config, state.global_step, accelerator)
-        accelerator.backward(loss / group_size)
-    if steps_now:
-        if config.clip_grad_norm:
-            accelerator.clip_grad_norm_(trainee.trained_parameters(), config.clip_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.optimizer_step += 1
-    return loss.item()
-
-
-def gradient_sync(accelerator, trainee: Trainee, enabled: bool):
-    """Skip the cross-process gradient all-reduce on batches that do not end an accumulation group."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    if not enabled:
-        for module, trained in ((trainee.unet, trainee.train_unet), (trainee.text_encoder, trainee.train_text_encoder)):
-            if trained:
-                stack.enter_context(accelerator.no_sync(module))
-    return stack
 
 
 def make_progress(total_steps: int, is_main_process: bool):
@@ -403,40 +430,55 @@ def make_progress(total_steps: int, is_main_process: bool):
 
 
 class LossMeter:
-    """Losses and timings for the log-step and epoch scalars."""
+    """Losses and timings for the log-step and epoch scalars.
 
-    def __init__(self):
-        self.started = time.monotonic()
-        self.since_log: list[float] = []
-        self.epoch: list[float] = []
-        self.log_started = self.epoch_started = self.started
+    Losses stay on the device until they are logged, so the loop does not wait for the GPU every step.
+    """
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.since_log: list = []
+        self.epoch: list = []
+        self.last_tick = self.log_started = self.epoch_started = time.monotonic()
 
     def start_epoch(self) -> None:
         self.epoch, self.epoch_started = [], time.monotonic()
 
-    def add(self, loss: float) -> float:
-        """Record a step's loss; the training seconds so far."""
-        self.since_log.append(loss)
-        self.epoch.append(loss)
-        return time.monotonic() - self.started
-
-    def log_step_scalars(self, schedule, trainee: Trainee, batch_size: int) -> dict[str, float]:
-        """Mean loss, lrs and throughput since the last log step, under EveryDream2's tag names."""
+    def add(self, loss) -> float:
+        """Record a batch's loss (None: nothing trained); the seconds since the previous batch."""
+        if loss is not None:
+            self.since_log.append(loss)
+            self.epoch.append(loss)
         now = time.monotonic()
-        groups = [name for name, on in (("unet", trainee.train_unet), ("text encoder", trainee.train_text_encoder))
-                  if on]
-        values = {"loss/log_step": sum(self.since_log) / len(self.since_log),
-                  "performance/images per second": len(self.since_log) * batch_size / max(now - self.log_started, 1e-9)}
-        values.update({f"hyperparameter/lr {name}": lr for name, lr in zip(groups, schedule.get_last_lr())})
+        seconds, self.last_tick = now - self.last_tick, now
+        return seconds
+
+    @staticmethod
+    def _mean(losses: list) -> float:
+        import torch
+
+        return torch.stack(losses).float().mean().item() if losses else float("nan")
+
+    def log_step_scalars(self, optimizer) -> dict[str, float]:
+        """Mean loss, learning rates and throughput since the last log step, under EveryDream2's tag names."""
+        now = time.monotonic()
+        values = {"loss/log_step": self._mean(self.since_log),
+                  "performance/images per second": len(self.since_log) * self.batch_size / max(now - self.log_started,
+                                                                                                1e-9)}
+        values.update({f"hyperparameter/lr {group['name']}": group["lr"] for group in optimizer.param_groups})
+        self.last_log_loss = values["loss/log_step"]
         self.since_log, self.log_started = [], now
         return values
 
+    def postfix(self, epoch: int, max_epochs: int, optimizer) -> str:
+        return f"epoch {epoch + 1}/{max_epochs}, loss {self.last_log_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}"
+
     def epoch_scalars(self) -> dict[str, float]:
-        return {"loss/epoch": sum(self.epoch) / len(self.epoch),
+        return {"loss/epoch": self._mean(self.epoch),
                 "performance/minutes per epoch": (time.monotonic() - self.epoch_started) / 60}
 
     def epoch_summary(self) -> str:
-        return f"mean loss {sum(self.epoch) / len(self.epoch):.4f}, {(time.monotonic() - self.epoch_started) / 60:.2f} min"
+        return f"mean loss {self._mean(self.epoch):.4f}, {(time.monotonic() - self.epoch_started) / 60:.2f} min"
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
 """The training images as a torch dataset and loader.
 
 Each epoch the plan (data/plan.py) decides the batches and every random choice; the loader's workers
-only load, crop, resize and flip as told, so the result does not depend on the number of workers.
+only load, crop, resize, flip and tokenize as told, so the result does not depend on the number of
+workers. An image that cannot be decoded (deleted, truncated or corrupted since the scan) is left out of
+its batch and reported; the rest of the batch trains.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data.image_io import load_image
 from data.items import ImageItem
 from data.plan import Sample
+
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what Pillow raises for bad files
 
 
 def to_model_input(pixels: np.ndarray) -> torch.Tensor:
@@ -32,7 +38,10 @@ class PlannedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, sample: Sample) -> dict:
         item = self.items[sample.index]
-        pixels = load_image(item.path, sample.bucket, sample.crop_x, sample.crop_y, sample.flip)
+        try:
+            pixels = load_image(item.path, sample.bucket, sample.crop_x, sample.crop_y, sample.flip)
+        except UNREADABLE as error:
+            return {"failed": item.path, "reason": f"cannot be read: {error}"}
         return {"pixels": to_model_input(pixels), "caption": "" if sample.drop_caption else item.caption,
                 "index": sample.index}
 
@@ -53,19 +62,29 @@ class EpochBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def collate(samples: list[dict]) -> dict:
-    return {"pixels": torch.stack([s["pixels"] for s in samples]),
-            "captions": [s["caption"] for s in samples],
-            "indices": [s["index"] for s in samples]}
+class Collate:
+    """Stacks a batch and tokenizes its captions (in the worker, off the training loop's thread).
+
+    `pixels` and `input_ids` are None when no image of the batch could be read; `failed` lists
+    (path, reason) for the images left out.
+    """
+
+    def __init__(self, tokenize: Callable[[list[str]], torch.Tensor] | None = None):
+        self.tokenize = tokenize
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good = [s for s in samples if "failed" not in s]
+        captions = [s["caption"] for s in good]
+        return {"pixels": torch.stack([s["pixels"] for s in good]) if good else None,
+                "captions": captions,
+                "input_ids": self.tokenize(captions) if good and self.tokenize else None,
+                "indices": [s["index"] for s in good],
+                "failed": [(s["failed"], s["reason"]) for s in samples if "failed" in s]}
 
 
-def default_num_workers() -> int:
-    """One worker per spare core, at most 8: enough to keep a GPU fed without starving the trainer."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
-def make_loader(items: list[ImageItem], batches: EpochBatches, num_workers: int, pin_memory: bool):
+def make_loader(items: list[ImageItem], batches: EpochBatches, num_workers: int, pin_memory: bool,
+                tokenize: Callable[[list[str]], torch.Tensor] | None = None):
     """A DataLoader over the planned batches; workers persist across epochs."""
     return torch.utils.data.DataLoader(
-        PlannedImages(items), batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+        PlannedImages(items), batch_sampler=batches, collate_fn=Collate(tokenize), num_workers=num_workers,
         persistent_workers=num_workers > 0, pin_memory=pin_memory)

@@ -8,21 +8,19 @@ from diffusers.optimization import get_scheduler
 from optimizer.optimizer_config import GroupSettings, OptimizerSettings, ScheduleSteps
 
 
-def build_optimizer(settings: OptimizerSettings, unet_params: list, text_encoder_params: list) -> torch.optim.Optimizer:
-    """One optimizer with a parameter group per trained model (an empty list means that model is frozen)."""
-    groups = [_group(params, group) for params, group in ((unet_params, settings.unet),
-                                                          (text_encoder_params, settings.text_encoder)) if params]
+def build_optimizer(settings: OptimizerSettings, parameters: dict[str, list]) -> torch.optim.Optimizer:
+    """One optimizer with a named parameter group per trained part ("unet", "text encoder")."""
+    by_part = {"unet": settings.unet, "text encoder": settings.text_encoder}
+    groups = [_group(name, params, by_part[name]) for name, params in parameters.items()]
     if settings.unet.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise RuntimeError("optimizer adamw8bit needs the bitsandbytes package: pip install bitsandbytes") from None
+        import bitsandbytes  # present: plan_run checked before anything loaded
+
         return bitsandbytes.optim.AdamW8bit(groups)
     return torch.optim.AdamW(groups)
 
 
-def _group(params: list, settings: GroupSettings) -> dict:
-    return dict(params=params, lr=settings.lr, betas=settings.betas, eps=settings.epsilon,
+def _group(name: str, params: list, settings: GroupSettings) -> dict:
+    return dict(params=params, name=name, lr=settings.lr, betas=settings.betas, eps=settings.epsilon,
                 weight_decay=settings.weight_decay)
 
 

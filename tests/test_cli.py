@@ -74,3 +74,48 @@ def test_an_unreachable_model_is_a_clear_error_with_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert "nobody-here/no-such-model" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def run_main_in_process(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """train.main in a fresh interpreter; reports whether torch got imported."""
+    script = ("import sys, train\n"
+              f"code = train.main({list(args)!r} + ['--logdir', {str(tmp_path / 'logs')!r}])\n"
+              "print('torch imported:', 'torch' in sys.modules)\n"
+              "sys.exit(code)\n")
+    return run("-c", script)
+
+
+def test_findlast_with_nothing_to_find_stops_before_any_model_or_run_folder(tmp_path):
+    result = run_main_in_process(tmp_path, "--config", "train.json", "--resume_ckpt", "findlast")
+    assert result.returncode == 2
+    assert "findlast found no finished checkpoint" in result.stderr
+    assert "torch imported: False" in result.stdout and not (tmp_path / "logs").exists()
+
+
+def test_a_single_file_model_is_refused_with_advice_before_anything_loads(tmp_path):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not really")
+    result = run_main_in_process(tmp_path, "--config", "train.json", "--resume_ckpt", str(model))
+    assert result.returncode == 2
+    assert "from_single_file" in result.stderr and "Traceback" not in result.stderr
+    assert "torch imported: False" in result.stdout and not (tmp_path / "logs").exists()
+
+
+def test_a_missing_optional_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    import train
+    from utils.config import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))
+    monkeypatch.chdir(REPO)
+    try:
+        train.plan_run(["--config", "train.json", "--optimizer", "adamw8bit", "--attn_type", "xformers"])
+    except ConfigError as error:
+        messages = [str(p) for p in error.problems]
+    else:
+        raise AssertionError("no ConfigError")
+    assert any("optimizer" in m and "pip install bitsandbytes" in m for m in messages)
+    assert any("attn_type" in m and "pip install xformers" in m for m in messages)

@@ -13,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from utils.model_family import SD1, SD2, UnsupportedModel, detect_family
 from utils.models import ModelLoadError, load_diffusers_folder, load_model
 from utils.single_file import SingleFileExportError, save_single_file, to_ldm_state_dict, unet_to_ldm
+from tests.tiny_variants import sd2_like_components
 from utils.tiny_model import VOCABULARY_WORDS, build_tiny_components, build_tiny_tokenizer
 
 # Stable Diffusion 1.5's published architecture (its unet/, vae/ and text_encoder/ config.json).
@@ -200,22 +201,6 @@ def test_sd1_key_count_matches_the_real_sd15_layout():
     assert len(converted) == len(unet.state_dict()) == 686
 
 
-def sd2_like_components(tiny: dict) -> dict:
-    """The tiny model reshaped as SD 2.x: linear attention projections, an OpenCLIP-style (GELU, 23-layer)
-    text encoder and v-prediction."""
-    tokenizer = tiny["tokenizer"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(2)
-        unet = UNet2DConditionModel(**{**dict(tiny["unet"].config), "attention_head_dim": (2, 4, 8, 8),
-                                       "use_linear_projection": True})
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=23,
-            num_attention_heads=8, max_position_embeddings=77, hidden_act="gelu",
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    scheduler = tiny["scheduler"].__class__.from_config(tiny["scheduler"].config, prediction_type="v_prediction")
-    return {**tiny, "unet": unet, "text_encoder": text_encoder, "scheduler": scheduler}
-
-
 def test_sd2_single_file_reproduces_the_weights_exactly(tiny, tmp_path):
     sd2 = sd2_like_components(tiny)
     folder = str(tmp_path / "sd2")
@@ -236,3 +221,22 @@ def test_a_weight_with_no_place_in_the_layout_is_an_error_not_dropped(tiny):
     unet["down_blocks.4.resnets.0.conv1.weight"] = torch.zeros(1)  # a fifth level: not SD 1.x/2.x
     with pytest.raises(SingleFileExportError, match="down_blocks.4"):
         to_ldm_state_dict("sd1", unet, tiny["vae"].state_dict(), tiny["text_encoder"].state_dict())
+
+
+def test_checkpoints_keep_the_text_encoders_original_weight_names(tiny, tmp_path):
+    """transformers 5 would save the built-in CLIP text encoder under flat names (`embeddings.*`), which
+    transformers 4 tools load as random weights; checkpoints keep the original `text_model.*` names, which
+    both read. (Checked by hand with transformers 4.57.1: exact weights.)"""
+    from utils.checkpoint import save_pipeline
+
+    pipeline = StableDiffusionPipeline(**tiny, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    folder = save_pipeline(str(tmp_path / "ckpt"), pipeline, {"global_step": 1}, {})
+    with safe_open(os.path.join(folder, "text_encoder", "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    assert names and all(name.startswith("text_model.") for name in names)
+    reloaded = StableDiffusionPipeline.from_pretrained(folder)
+    assert_same_weights(tiny["text_encoder"], reloaded.text_encoder)
+    again = save_pipeline(str(tmp_path / "again"), reloaded, {"global_step": 2}, {})  # saved as loaded
+    with safe_open(os.path.join(again, "text_encoder", "model.safetensors"), "pt") as handle:
+        assert all(name.startswith("text_model.") for name in handle.keys())

@@ -435,23 +435,24 @@ def assert_group(group: dict, settings: GroupSettings, parameters: list):
 
 def test_build_optimizer_has_one_group_per_trained_model():
     unet, text = params((4, 3), (3,)), params((5,))
-    optimizer = build_optimizer(settings_for("adamw"), unet, text)
+    optimizer = build_optimizer(settings_for("adamw"), {"unet": unet, "text encoder": text})
     assert type(optimizer) is torch.optim.AdamW
     assert len(optimizer.param_groups) == 2
     assert_group(optimizer.param_groups[0], UNET, unet)
     assert_group(optimizer.param_groups[1], TEXT, text)
+    assert [g["name"] for g in optimizer.param_groups] == ["unet", "text encoder"]  # for the lr log tags
 
 
 def test_build_optimizer_leaves_out_a_frozen_text_encoder():
     unet = params((4, 3))
-    optimizer = build_optimizer(settings_for("adamw"), unet, [])
+    optimizer = build_optimizer(settings_for("adamw"), {"unet": unet})
     assert len(optimizer.param_groups) == 1
     assert_group(optimizer.param_groups[0], UNET, unet)
 
 
 def test_build_optimizer_leaves_out_a_frozen_unet():
     text = params((4, 3))
-    optimizer = build_optimizer(settings_for("adamw"), [], text)
+    optimizer = build_optimizer(settings_for("adamw"), {"text encoder": text})
     assert len(optimizer.param_groups) == 1
     assert_group(optimizer.param_groups[0], TEXT, text)
 
@@ -459,7 +460,7 @@ def test_build_optimizer_leaves_out_a_frozen_unet():
 def test_adamw_step_changes_the_parameters():
     unet = params((4, 3))
     before = unet[0].detach().clone()
-    optimizer = build_optimizer(settings_for("adamw"), unet, [])
+    optimizer = build_optimizer(settings_for("adamw"), {"unet": unet})
     unet[0].sum().backward()
     optimizer.step()
     assert not torch.equal(unet[0].detach(), before)
@@ -468,7 +469,7 @@ def test_adamw_step_changes_the_parameters():
 def test_adamw8bit_is_bitsandbytes_and_keeps_uint8_state_on_cpu():
     bitsandbytes = pytest.importorskip("bitsandbytes")
     unet, text = params((64, 128)), params((32, 160))  # >= 4096 elements: bitsandbytes' 8-bit threshold
-    optimizer = build_optimizer(settings_for("adamw8bit"), unet, text)
+    optimizer = build_optimizer(settings_for("adamw8bit"), {"unet": unet, "text encoder": text})
     assert isinstance(optimizer, bitsandbytes.optim.AdamW8bit)
     assert len(optimizer.param_groups) == 2
     assert_group(optimizer.param_groups[0], UNET, unet)

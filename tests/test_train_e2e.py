@@ -44,9 +44,10 @@ def demo_run(out: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two identical demo runs, to check the outputs and that the same config gives the same run."""
+    """Two demo runs that differ only in the number of data-loader workers (automatic vs none), to check
+    the outputs and that the same config gives the same run whatever the workers."""
     root = tmp_path_factory.mktemp("demo")
-    return demo_run(root / "a"), demo_run(root / "b")
+    return demo_run(root / "a"), demo_run(root / "b", "--num_workers", "0")
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -66,10 +67,21 @@ def test_run_folder_has_events_log_and_resolved_config(runs):
     assert glob.glob(str(run_dir / "events.out.tfevents.*"))
     log = (run_dir / "train.log").read_text()
     assert f"epoch {EPOCHS}/{EPOCHS}" in log and "done:" in log and "saved" in log
-    record = json.loads((run_dir / "train_config.json").read_text())
-    assert record["config"]["resume_ckpt"] == "builtin:tiny" and record["config"]["resolution"] == 256
-    assert record["config"]["max_epochs"] == EPOCHS and record["origins"]["max_epochs"] == "command line"
-    assert any(line.startswith("lr_decay_steps =") for line in record["derived"])
+    config = json.loads((run_dir / "train_config.json").read_text())
+    assert config["resume_ckpt"] == "builtin:tiny" and config["resolution"] == 256 and config["max_epochs"] == EPOCHS
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["origins"]["max_epochs"] == "command line" and info["config_file"] == "train.json"
+    assert any(line.startswith("lr_decay_steps =") for line in info["derived"])
+    assert any(line.startswith("mixed precision = no (CPU trains in fp32)") for line in info["derived"])
+
+
+def test_the_run_folder_config_runs_the_same_settings_again(runs):
+    from utils.config import load_config, to_json_dict
+
+    path = runs[0]["run_dir"] / "train_config.json"
+    again = load_config(["--config", str(path)])
+    assert not again.notes
+    assert to_json_dict(again.config) == json.loads(path.read_text())
 
 
 def test_tensorboard_shows_loss_and_learning_rates(runs):
@@ -92,6 +104,8 @@ def test_final_checkpoint_is_a_complete_diffusers_pipeline_that_generates(runs):
     assert folder.name == f"last-demo-ep{EPOCHS:02d}-gs{total:05d}"
     record = json.loads((folder / "checkpoint.json").read_text())
     assert (record["global_step"], record["epoch"], record["optimizer_step"]) == (total, EPOCHS, total)
+    assert (record["batch_in_epoch"], record["last_save_step"]) == (0, total)  # between epochs; saved now
+    assert 0 < record["elapsed_seconds"] < 600 and record["family"] == "sd1"
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     image = pipeline("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
                      output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
@@ -124,7 +138,7 @@ def test_training_changed_the_weights_and_lowered_the_loss(runs):
     assert epoch_losses[-1] < epoch_losses[0]
 
 
-def test_the_same_config_gives_the_same_loss_curve_and_weights(runs):
+def test_the_same_config_gives_the_same_loss_curve_and_weights_whatever_the_workers(runs):
     first, second = (run["run_dir"] for run in runs)
     assert scalars(first, "loss/log_step") == scalars(second, "loss/log_step")
     a = load_file(str(final_checkpoint(first) / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -137,7 +151,7 @@ def test_warm_start_from_a_checkpoint_folder_with_a_frozen_text_encoder(runs, tm
     start = final_checkpoint(runs[0]["run_dir"])
     run = demo_run(tmp_path, "--resume_ckpt", str(start), "--disable_textenc_training", "--grad_accum", "2",
                    "--max_epochs", "1", "--project_name", "warm")
-    assert "training: UNet on cpu" in run["output"]
+    assert "training: unet\n" in run["output"]
     assert f"model: {start}" in run["output"]
     folder = final_checkpoint(run["run_dir"])
     record = json.loads((folder / "checkpoint.json").read_text())
@@ -158,17 +172,17 @@ def test_findlast_continues_from_the_newest_checkpoint(runs, tmp_path):
                        "--max_epochs", "1", "--save_ckpt_dir", str(tmp_path), "--no_save_ckpt",
                        "--project_name", "chained")
     newest = final_checkpoint(runs[1]["run_dir"])
-    assert f"model: findlast: {newest}" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert f"resume_ckpt = {newest} (findlast" in output and f"model: {newest}:" in output
     assert not list(tmp_path.iterdir())  # no_save_ckpt: no single file
 
 
 def test_training_options_run_together(tmp_path):
     """Code paths the demo does not take: checkpointing, clip_skip, sliced attention, clipping, a cosine
-    schedule with warmup, flips, 8-bit AdamW, another training sampler, a random seed, fp32 single files,
-    and a periodic save every epoch."""
+    schedule with warmup, flips, 8-bit AdamW, a random seed, fp32 single files, a periodic save every epoch."""
     run = demo_run(tmp_path, "--max_epochs", "2", "--save_every_n_epochs", "1", "--gradient_checkpointing",
                    "--clip_skip", "2", "--attn_type", "slice", "--clip_grad_norm", "1", "--lr_scheduler", "cosine",
-                   "--lr_warmup_steps", "2", "--flip_p", "0.5", "--optimizer", "adamw8bit", "--train_sampler", "ddim",
+                   "--lr_warmup_steps", "2", "--flip_p", "0.5", "--optimizer", "adamw8bit",
                    "--seed", "-1", "--save_full_precision", "--log_step", "1")
     assert "seed = " in run["output"] and "(random, from seed: -1)" in run["output"]
     lrs = [value for _, value in scalars(run["run_dir"], "hyperparameter/lr unet")]
@@ -178,3 +192,66 @@ def test_training_options_run_together(tmp_path):
     for name in saves:
         with safe_open(str(run["single"] / f"{name}.safetensors"), "pt") as handle:
             assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float32
+
+
+def test_an_image_that_breaks_after_the_scan_is_skipped_and_reported(tmp_path):
+    """The header reads at scan time, the pixels do not: that image is left out, named, and training goes on."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(REPO / "examples" / "images", images)
+    whole = (images / "sunset.jpg").read_bytes()
+    (images / "broken sunset.jpg").write_bytes(whole[: len(whole) // 3])  # a truncated JPEG: the header is intact
+    run = demo_run(tmp_path, "--data_root", str(images), "--max_epochs", "1", "--no_save_ckpt")
+    assert "skipped" in run["output"] and "broken sunset.jpg" in run["output"]
+    assert "1 image(s) skipped" in run["output"]
+    listed = (run["run_dir"] / "skipped_images.txt").read_text()
+    assert "broken sunset.jpg" in listed and "cannot be read" in listed
+    assert final_checkpoint(run["run_dir"]).name.startswith("last-demo-ep01-")
+
+
+def test_an_sd2_v_prediction_model_trains_and_exports_end_to_end(tmp_path):
+    """Family detection, the v-prediction target and the OpenCLIP single-file layout in a real run."""
+    from tests.tiny_variants import save_sd2_like_folder
+    from utils.tiny_model import build_tiny_components
+
+    base = tmp_path / "sd2-base"
+    save_sd2_like_folder(build_tiny_components(), str(base))
+    run = demo_run(tmp_path, "--resume_ckpt", str(base), "--max_epochs", "1", "--clip_skip", "2")
+    assert "SD 2.x, v_prediction prediction" in run["output"]
+    folder = final_checkpoint(run["run_dir"])
+    assert json.loads((folder / "checkpoint.json").read_text())["family"] == "sd2"
+    path = run["single"] / f"{folder.name}.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in handle.keys()
+    reloaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                        safety_checker=None, requires_safety_checker=False)
+    assert reloaded.scheduler.config.prediction_type == "v_prediction"
+
+
+MIXED_PRECISION_RUN = """
+import sys, train
+from accelerate import Accelerator
+plan = train.plan_run(sys.argv[1:])
+accelerator = Accelerator(mixed_precision="bf16", cpu=True)  # the autocast paths of a GPU run, on the CPU
+sys.exit(train.train(plan, accelerator, train.start_run(plan, accelerator)))
+"""
+
+
+def test_mixed_precision_trains_and_saves_frozen_weights_exactly(tmp_path):
+    """Under bf16 autocast the trained UNet changes, and the frozen text encoder and VAE are saved bit for bit
+    as loaded, in fp32 (never rounded copies)."""
+    from utils.tiny_model import build_tiny_components
+
+    result = subprocess.run([sys.executable, "-c", MIXED_PRECISION_RUN, "--config", "train.json", "--max_epochs", "1",
+                             "--disable_textenc_training", "--logdir", str(tmp_path / "logs"), "--no_save_ckpt"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    folder = final_checkpoint(run_dir)
+    base = build_tiny_components()
+    for part, file in (("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+        saved, loaded = load_file(str(folder / part / file)), base[part].state_dict()
+        assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], loaded[k]) for k in saved), part
+    unet = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(unet[k], v) for k, v in base["unet"].state_dict().items())

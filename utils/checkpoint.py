@@ -29,12 +29,42 @@ def save_pipeline(folder: str, pipeline, record: dict, config: dict) -> str:
     temporary = os.path.join(parent, f".tmp-{name}")
     shutil.rmtree(temporary, ignore_errors=True)  # left by a crash during an earlier save
     pipeline.save_pretrained(temporary, safe_serialization=True)
+    for component in ("text_encoder", "text_encoder_2"):
+        if getattr(pipeline, component, None) is not None:
+            resave_in_original_layout(getattr(pipeline, component), os.path.join(temporary, component))
     write_json(os.path.join(temporary, CONFIG_FILE), config)
     write_json(os.path.join(temporary, CHECKPOINT_RECORD), {**record, "saved_at": time.time()})
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(temporary, folder)
     return folder
+
+
+def resave_in_original_layout(text_encoder, folder: str) -> None:
+    """Write a CLIP text encoder under its original `text_model.*` names if transformers wrote it flat.
+
+    transformers 5 flattened CLIPTextModel and saves a model it did not load from a file (the built-in
+    model, say) without the `text_model.` prefix; transformers 4, which many other tools still use, then
+    silently loads random weights. Both versions read the original names, and a model loaded from them is
+    saved with them again, so this rewrite happens once in a model's life, not at every save.
+    """
+    if hasattr(text_encoder, "text_model") or all(k.startswith("text_model.") for k in _saved_weight_names(folder)):
+        return
+    state_dict = text_encoder.state_dict()
+    text_encoder.save_pretrained(folder, safe_serialization=True, save_original_format=False,
+                                 state_dict={"text_model." + key: value for key, value in state_dict.items()})
+
+
+def _saved_weight_names(folder: str) -> list[str]:
+    """The tensor names in a transformers model folder, read from the index or the file header only."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            return list(json.load(handle)["weight_map"])
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as handle:
+        return list(handle.keys())
 
 
 class NoCheckpointFound(Exception):

@@ -69,7 +69,8 @@ class TrainConfig:
         "such as `stable-diffusion-v1-5/stable-diffusion-v1-5`; `findlast` = the newest checkpoint under logdir.",
         group="Model")
     train_sampler: str = option(
-        "ddpm", "Scheduler class that adds training noise; its betas come from the model.",
+        "ddpm", "Training noise scheduler, as in EveryDream2. All three share the model's betas and one "
+        "forward process, so they train identically; the key is kept for EveryDream2 configs.",
         group="Model", choices=("ddpm", "pndm", "ddim"))
     attn_type: str = option(
         "sdp", "Attention kernel: `sdp` (PyTorch scaled-dot-product), `xformers` (needs the xformers package), "
@@ -106,7 +107,7 @@ class TrainConfig:
         group="Data", minimum=0.0, maximum=1.0)
     seed: int = option(
         555, "Seed for data order, crops, flips, noise and timesteps; epoch N shuffles with seed + N. "
-        "-1 = random, resolved once and recorded.", group="Data", minimum=-1)
+        "-1 = random, resolved once and recorded.", group="Data", minimum=-1, maximum=2**32 - 1)
     shuffle_tags: bool = option(
         False, "Shuffle the comma-separated tags after the first part of each caption.", group="Data",
         planned="tag shuffling")
@@ -207,7 +208,7 @@ class TrainConfig:
     save_ckpt_dir: str | None = option(
         None, "Folder for the single-file .safetensors copies; null = the current folder.", group="Saving")
     ckpt_every_n_minutes: float | None = option(
-        None, "Save a checkpoint every N minutes; null = 30 when save_every_n_epochs is also null; 0 = off.",
+        None, "Save a checkpoint every N minutes; null = 30 when save_every_n_epochs is null or 0; 0 = off.",
         group="Saving", minimum=0.0)
     save_every_n_epochs: int | None = option(
         None, "Save a checkpoint every N epochs; null or 0 = off.", group="Saving", minimum=0)
@@ -248,6 +249,18 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELD_TYPES: dict[str, Any] = get_type_hints(TrainConfig)
+
+
+def automatic_num_workers() -> int:
+    """num_workers: null. One worker per spare core, at most 8: enough to keep a GPU fed without starving the
+    training process."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def field_default(name: str) -> Any:
+    """A key's default value."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 # =================================================================================================
@@ -435,7 +448,12 @@ def _resume_ckpt_problem(value: str | None) -> str | None:
     if value is None:
         return (f"is required: set it to `{BUILTIN_TINY}` (the embedded demo model), a diffusers folder, a "
                 "Hugging Face repo id, or `findlast`.")
-    if value in (BUILTIN_TINY, FINDLAST) or os.path.exists(value):
+    if os.path.isfile(value):
+        return (f"{value!r} is a file, and this version trains from diffusers model folders only. For a "
+                "single-file .safetensors/.ckpt model, convert it once with diffusers "
+                "(StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)) and point resume_ckpt "
+                "at the folder.")
+    if value in (BUILTIN_TINY, FINDLAST) or os.path.isdir(value):
         return None
     if value.startswith("builtin:"):
         return f"{value!r} is not a built-in model; the only one is {BUILTIN_TINY!r}."
@@ -498,8 +516,7 @@ def planned_notes(cfg: TrainConfig) -> list[str]:
     notes = []
     for name, f in FIELDS.items():
         planned = f.metadata["planned"]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if planned and getattr(cfg, name) != default:
+        if planned and getattr(cfg, name) != field_default(name):
             notes.append(f"{name}: {getattr(cfg, name)!r} has no effect yet: {planned} is not implemented in "
                          "this version.")
     return notes
@@ -595,15 +612,13 @@ def merge(file_values: dict[str, Any] | None = None, file_name: str | None = Non
 # =================================================================================================
 
 def _default_text(name: str) -> str:
-    f = FIELDS[name]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return json.dumps(default)
+    return json.dumps(field_default(name))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser: `--config`, one flag per key, and the legacy flags."""
     parser = argparse.ArgumentParser(
-        prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS, exit_on_error=False,
         usage="python train.py --config FILE.json [--key value ...]",
         description="Fine-tune a Stable Diffusion model on captioned images. Settings come from the defaults, "
         "then --config FILE.json, then these flags; every flag is also a JSON key.",
@@ -638,9 +653,13 @@ def _add_flag(group: argparse._ArgumentGroup, name: str, tp: Any, help_text: str
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any], list[ConfigProblem]]:
-    """Split argv into (config file, typed flag values, problems). Never exits on a bad flag."""
+    """Split argv into (config file, typed flag values, problems). Exits only for --help."""
     parser = build_parser()
-    namespace, unknown = parser.parse_known_args(argv)
+    try:
+        namespace, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as error:  # e.g. `--lr` with no value: nothing after it can be trusted
+        key = (error.argument_name or "").split("/")[0].lstrip("-") or "command line"
+        raise ConfigError([ConfigProblem(key, "command line", f"{error.message}.")]) from None
     values = vars(namespace)
     config_file = values.pop("config", None)
     problems = []

@@ -5,19 +5,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
-from utils.config import (FIELDS, GROUPS, LEGACY_KEYS, SUPPORTED_RESOLUTIONS, FIELD_TYPES, describe_type)
+from utils.config import (FIELD_TYPES, FIELDS, GROUPS, LEGACY_KEYS, SUPPORTED_RESOLUTIONS, describe_type,
+                          field_default)
 
 DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "doc", "CONFIG.md")
 
 
 def _default(name: str) -> str:
-    f = FIELDS[name]
-    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return f"`{json.dumps(value)}`"
+    return f"`{json.dumps(field_default(name))}`"
 
 
 def _allowed(name: str) -> str:

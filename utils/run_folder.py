@@ -11,8 +11,12 @@ import warnings
 from tqdm import tqdm
 
 LOG_FILE = "train.log"
-CONFIG_FILE = "train_config.json"
+CONFIG_FILE = "train_config.json"  # the resolved settings: `python train.py --config` it to run them again
+INFO_FILE = "run_info.json"  # where the settings came from: derived values, origins, notes
+SKIPPED_FILE = "skipped_images.txt"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+log = logging.getLogger(__name__)
 
 
 def create_run_folder(logdir: str, project_name: str, now: float | None = None) -> str:
@@ -79,3 +83,31 @@ def write_json(path: str, data: dict) -> None:
         json.dump(data, handle, indent=2)
         handle.write("\n")
     os.replace(temporary, path)
+
+
+def write_run_settings(run_dir: str, config: dict, info: dict) -> None:
+    """The resolved config (a valid --config file) and, beside it, how it was arrived at."""
+    write_json(os.path.join(run_dir, CONFIG_FILE), config)
+    write_json(os.path.join(run_dir, INFO_FILE), info)
+
+
+class SkipReport:
+    """Images left out of training: each named once in the log and listed in skipped_images.txt."""
+
+    def __init__(self, run_dir: str | None, scanned: list):
+        self.path = os.path.join(run_dir, SKIPPED_FILE) if run_dir else None
+        self.seen: set[str] = set()
+        self.add([(entry.path, entry.reason) for entry in scanned])
+
+    def add(self, entries: list[tuple[str, str]]) -> None:
+        for path, reason in entries:
+            if path in self.seen:
+                continue
+            self.seen.add(path)
+            log.warning("skipped %s: %s", path, reason)
+            if self.path:
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(f"{path}\t{reason}\n")
+
+    def summary(self) -> str:
+        return f"; {len(self.seen)} image(s) skipped, listed in {SKIPPED_FILE}" if self.seen else ""
