@@ -252,6 +252,8 @@ def test_mixed_precision_trains_and_saves_frozen_weights_exactly(tmp_path):
     base = build_tiny_components()
     for part, file in (("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
         saved, loaded = load_file(str(folder / part / file)), base[part].state_dict()
+        saved = {k.removeprefix("text_model."): v for k, v in saved.items()}  # saved under the original names
+        assert saved.keys() == loaded.keys(), part
         assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], loaded[k]) for k in saved), part
     unet = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(unet[k], v) for k, v in base["unet"].state_dict().items())
