@@ -334,7 +334,7 @@ def log_summary(plan: RunPlan, trainee: Trainee, run_dir: str, accelerator) -> N
 
     config, items = plan.config, plan.items
     log.info("model: %s", trainee.model.describe())
-    log.info("training: %s", " + ".join(trainee.trained_parts()))
+    log.info("training: %s", " + ".join({"unet": "UNet"}.get(name, name) for name in trainee.trained_parts()))
     buckets = Counter(item.bucket for item in items)
     log.info("data: %d images in %s, %d buckets at resolution %d: %s", len(items), config.data_root, len(buckets),
              config.resolution, ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())))

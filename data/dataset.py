@@ -8,18 +8,14 @@ its batch and reported; the rest of the batch trains.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data.image_io import load_image
+from data.image_io import UNREADABLE, load_image
 from data.items import ImageItem
 from data.plan import Sample
-
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what Pillow raises for bad files
 
 
 def to_model_input(pixels: np.ndarray) -> torch.Tensor:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
+# What Pillow raises for a file that is not a readable image: missing, truncated, corrupt, not an image
+# (SyntaxError for some malformed headers), or too large to decode safely (decompression-bomb guard).
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 EXIF_ORIENTATION = 0x0112  # orientations 5-8 are rotated by 90 degrees: width and height swap
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 

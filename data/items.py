@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from PIL import Image
-
 from data.buckets import generate_buckets, nearest_bucket
 from data.captions import image_caption
-from data.image_io import read_image_size
+from data.image_io import UNREADABLE, read_image_size
 from data.scan import find_images
 
 
@@ -41,7 +39,7 @@ def scan_dataset(data_root: str, resolution: int) -> tuple[list[ImageItem], list
         try:
             size = read_image_size(path)
             caption = image_caption(path)
-        except (OSError, Image.DecompressionBombError, ValueError) as error:
+        except UNREADABLE as error:
             skipped.append(SkippedFile(path, f"cannot be read: {error}"))
             continue
         items.append(ImageItem(os.path.abspath(path), caption, size, nearest_bucket(*size, buckets)))

@@ -151,7 +151,7 @@ def test_warm_start_from_a_checkpoint_folder_with_a_frozen_text_encoder(runs, tm
     start = final_checkpoint(runs[0]["run_dir"])
     run = demo_run(tmp_path, "--resume_ckpt", str(start), "--disable_textenc_training", "--grad_accum", "2",
                    "--max_epochs", "1", "--project_name", "warm")
-    assert "training: unet\n" in run["output"]
+    assert "training: UNet\n" in run["output"]
     assert f"model: {start}" in run["output"]
     folder = final_checkpoint(run["run_dir"])
     record = json.loads((folder / "checkpoint.json").read_text())
