@@ -113,6 +113,11 @@ def make_accelerator(plan: RunPlan):
     from accelerate import Accelerator
 
     config = plan.config
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, accelerate launch and MPI launchers
+    if processes > 1:
+        raise ConfigError([ConfigProblem("launch", "command line", f"{processes} processes: this version trains on "
+                                         "one process (each would train the same batches and write its own run). "
+                                         "Run python train.py, or the launcher with one process.")])
     cuda = torch.cuda.is_available()
     precision = "no" if config.disable_amp or not cuda else config.mixed_precision
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -122,10 +127,6 @@ def make_accelerator(plan: RunPlan):
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fast fp32 matmuls, ample precision for training
         torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(mixed_precision=precision)
-    if accelerator.num_processes > 1:
-        raise ConfigError([ConfigProblem("accelerate launch", "command line", f"{accelerator.num_processes} "
-                                         "processes: this version trains on one GPU (every process would train the "
-                                         "same batches). Run python train.py, or accelerate launch with one process.")])
     why = "disable_amp" if config.disable_amp else ("mixed_precision" if cuda else "CPU trains in fp32")
     plan.derived.append(f"mixed precision = {precision} ({why}) on {accelerator.device}")
     return accelerator
