@@ -262,16 +262,23 @@ def train_batch(trainee: Trainee, batch: dict, index: int, optimizer, schedule, 
         with gradient_sync(accelerator, trainee, enabled=steps_now):
             loss = train_step(trainee, batch, config, state.global_step, accelerator)
             accelerator.backward(loss / group_size)
-    parameters = [p for module in trainee.trained_parts().values() for p in module.parameters()]
-    if steps_now and any(p.grad is not None for p in parameters):  # none: every image of the group was unreadable
-        if config.clip_grad_norm:
-            accelerator.clip_grad_norm_(parameters, config.clip_grad_norm)
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
-            schedule.step()
-            state.optimizer_step += 1
-        optimizer.zero_grad(set_to_none=True)
+    if steps_now:
+        step_optimizer(trainee, optimizer, schedule, config, state, accelerator)
     return None if loss is None else loss.detach()
+
+
+def step_optimizer(trainee: Trainee, optimizer, schedule, config: TrainConfig, state, accelerator) -> None:
+    """Clip, step and clear the accumulated gradients; advance the schedule when the step was taken."""
+    parameters = [p for module in trainee.trained_parts().values() for p in module.parameters()]
+    if not any(p.grad is not None for p in parameters):  # every image of the group was unreadable
+        return
+    if config.clip_grad_norm:
+        accelerator.clip_grad_norm_(parameters, config.clip_grad_norm)
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
+        schedule.step()
+        state.optimizer_step += 1
+    optimizer.zero_grad(set_to_none=True)
 
 
 def gradient_sync(accelerator, trainee: Trainee, enabled: bool):

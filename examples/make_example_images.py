@@ -31,21 +31,23 @@ def _gradient(size: tuple[int, int], top: tuple, bottom: tuple) -> Image.Image:
     return image
 
 
+def _centred_box(size, scale, at):
+    """A square box `scale` x the short side wide, centred at `at` (fractions of width and height)."""
+    w, h = size
+    half = scale * min(w, h) / 2
+    cx, cy = at[0] * w, at[1] * h
+    return [cx - half, cy - half, cx + half, cy + half]
+
+
 def circle(size, fg, bg, scale=0.6, at=(0.5, 0.5)):
     image = Image.new("RGB", size, COLORS[bg])
-    w, h = size
-    r = scale * min(w, h) / 2
-    cx, cy = at[0] * w, at[1] * h
-    ImageDraw.Draw(image).ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[fg])
+    ImageDraw.Draw(image).ellipse(_centred_box(size, scale, at), fill=COLORS[fg])
     return image
 
 
 def square(size, fg, bg, scale=0.5, at=(0.5, 0.5)):
     image = Image.new("RGB", size, COLORS[bg])
-    w, h = size
-    half = scale * min(w, h) / 2
-    cx, cy = at[0] * w, at[1] * h
-    ImageDraw.Draw(image).rectangle([cx - half, cy - half, cx + half, cy + half], fill=COLORS[fg])
+    ImageDraw.Draw(image).rectangle(_centred_box(size, scale, at), fill=COLORS[fg])
     return image
 
 

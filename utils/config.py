@@ -444,7 +444,8 @@ def _range_problem(name: str, value: Any) -> str | None:
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _resume_ckpt_problem(value: str | None) -> str | None:
+def resume_ckpt_problem(value: str | None) -> str | None:
+    """What is wrong with a resume_ckpt value (None: nothing). Used by validation and by the model loader."""
     if value is None:
         return (f"is required: set it to `{BUILTIN_TINY}` (the embedded demo model), a diffusers folder, a "
                 "Hugging Face repo id, or `findlast`.")
@@ -470,7 +471,7 @@ def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> 
     def add(key: str, message: str) -> None:
         problems.append(ConfigProblem(key, source_of(key), message))
 
-    message = _resume_ckpt_problem(cfg.resume_ckpt)
+    message = resume_ckpt_problem(cfg.resume_ckpt)
     if message:
         add("resume_ckpt", message)
     if not os.path.isdir(cfg.data_root):

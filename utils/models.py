@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from utils.config import BUILTIN_TINY, FINDLAST
+from utils.config import BUILTIN_TINY, FINDLAST, resume_ckpt_problem
 from utils.model_family import SD1, ModelFamily, UnsupportedModel, detect_family
 
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # as StableDiffusionPipeline names them
 TRAIN_SAMPLERS = {"ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
 
 
@@ -42,8 +43,7 @@ class SDModel:
 
     def components(self) -> dict[str, Any]:
         """The parts under the names the family's diffusers pipeline uses."""
-        return dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                    scheduler=self.scheduler)
+        return {name: getattr(self, name) for name in COMPONENTS}
 
     def describe(self) -> str:
         millions = {name: sum(p.numel() for p in module.parameters()) / 1e6
@@ -67,12 +67,9 @@ def load_model(resume_ckpt: str, logdir: str = "logs") -> SDModel:
         except NoCheckpointFound as error:
             raise ModelLoadError(str(error)) from None
         return load_diffusers_folder(folder, source=f"findlast: {folder}")
-    if os.path.isfile(resume_ckpt):
-        raise ModelLoadError(
-            f"resume_ckpt: {resume_ckpt!r} is a single file; loading .safetensors/.ckpt files directly is not "
-            "implemented in this version yet. Convert it once with diffusers "
-            "(StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)) and point resume_ckpt "
-            "at the folder.")
+    problem = resume_ckpt_problem(resume_ckpt)  # the config's own check: a file, an unknown builtin, ...
+    if problem:
+        raise ModelLoadError(f"resume_ckpt: {problem}")
     folder = resume_ckpt if os.path.isdir(resume_ckpt) else _download(resume_ckpt)
     return load_diffusers_folder(folder, source=resume_ckpt)
 
@@ -88,7 +85,7 @@ def load_diffusers_folder(folder: str, source: str | None = None) -> SDModel:
     pipeline = family.pipeline_class().from_pretrained(
         folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         dtype=torch.float32)  # train in fp32 master weights whatever the file holds
-    parts = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    parts = {name: getattr(pipeline, name) for name in COMPONENTS}
     return SDModel(**parts, family=family, source=source or folder)
 
 
