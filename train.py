@@ -36,28 +36,42 @@ class RunPlan:
     config: TrainConfig  # as resolved: seed, save cadence, findlast and num_workers filled in
     loaded: LoadedConfig  # as given, with the origin of each value and the notes about legacy keys
     optimizer_settings: object  # optimizer.optimizer_config.OptimizerSettings
-    items: list  # data.items.ImageItem: the usable images
-    skipped: list  # data.items.SkippedFile
-    batches_per_epoch: int
+    scan: object  # data.items.ScanResult: the usable images, the skipped files, notes about the data
+    data_options: object  # data.plan.PlanOptions
+    batches_per_epoch: list[int]  # of every epoch; they differ with fractional multipliers or rated_dataset
     schedule: object  # optimizer.optimizer_config.ScheduleSteps
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
 
     @property
+    def items(self) -> list:
+        return self.scan.items
+
+    @property
     def total_batches(self) -> int:
-        return self.batches_per_epoch * self.config.max_epochs
+        return sum(self.batches_per_epoch)
+
+    def epoch_plan(self, epoch: int) -> list:
+        """The batches of Samples of one epoch (data/plan.py): a pure function of the data, seed and epoch."""
+        from data.plan import plan_epoch
+
+        return plan_epoch(self.items, epoch, self.data_options)
 
 
-def epoch_plan(config: TrainConfig, items: list, epoch: int):
-    """The batches of one epoch (data/plan.py): a pure function of the images, the seed and the epoch."""
-    from data.plan import plan_epoch
+def data_options(config: TrainConfig):
+    from data.plan import PlanOptions
 
-    return plan_epoch([item.bucket for item in items], config.seed, epoch, config.batch_size,
-                      flip_p=config.flip_p, cond_dropout=config.cond_dropout)
+    return PlanOptions(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                       max_epochs=config.max_epochs, flip_p=config.flip_p, cond_dropout=config.cond_dropout,
+                       shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags,
+                       rated_dataset=config.rated_dataset,
+                       rated_dataset_target_dropout_percent=config.rated_dataset_target_dropout_percent)
 
 
 def plan_run(argv: list[str]) -> RunPlan:
     """Everything decided before anything heavy loads. Raises ConfigError listing every problem."""
-    from data.items import scan_dataset
+    from data.items import ScanResult, scan_dataset
+    from data.plan import batches_per_epoch
+    from data.scan import DataRootError
     from optimizer.optimizer_config import load_optimizer_settings, schedule_steps
     from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
 
@@ -87,20 +101,24 @@ def plan_run(argv: list[str]) -> RunPlan:
         if needed and importlib.util.find_spec(package) is None:
             problems.append(ConfigProblem(key, loaded.origins[key], f"needs the {package} package, which is not "
                                           f"installed: pip install {package}"))
-    items, skipped = scan_dataset(config.data_root, config.resolution)
-    if not items:
-        reasons = "".join(f"\n    {entry.path}: {entry.reason}" for entry in skipped[:10])
+    try:
+        scan = scan_dataset(config.data_root, config.resolution)
+    except DataRootError as error:
+        problems.append(ConfigProblem("data_root", loaded.origins["data_root"], str(error)))
+        scan = ScanResult([], [])
+    if not scan.items and not any(p.key == "data_root" for p in problems):
+        reasons = "".join(f"\n    {entry.path}: {entry.reason}" for entry in scan.skipped[:10])
         problems.append(ConfigProblem("data_root", loaded.origins["data_root"], f"{config.data_root!r} holds no "
                                       "usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
                                       f"recursively.{reasons}"))
     if problems:
         raise ConfigError(problems)
-    # The number of batches depends only on the bucket counts, so epoch 0's plan gives every epoch's.
-    batches_per_epoch = len(epoch_plan(config, items, 0))
-    schedule = schedule_steps(math.ceil(batches_per_epoch / config.grad_accum) * config.max_epochs,
+    options = data_options(config)
+    per_epoch = batches_per_epoch(scan.items, options)
+    schedule = schedule_steps(sum(math.ceil(count / config.grad_accum) for count in per_epoch),
                               config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps)
     derived += list(optimizer_settings.origins) + [schedule.origin]
-    return RunPlan(config, loaded, optimizer_settings, items, skipped, batches_per_epoch, schedule, derived)
+    return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived)
 
 
 # =================================================================================================
@@ -242,20 +260,19 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
         prediction = trainee.unet(noisy_latents, timesteps, conditioning.hidden_states,
                                   **conditioning.unet_kwargs).sample
     target = training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
-    return mse_loss(prediction, target)
+    return mse_loss(prediction, target, batch["loss_scale"])
 
 
-def train_batch(trainee: Trainee, batch: dict, index: int, optimizer, schedule, plan: RunPlan, state,
-                accelerator):
+def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int, optimizer, schedule,
+                config: TrainConfig, state, accelerator):
     """Accumulate one batch's gradients (its loss, or None if none of its images could be read); step the
     optimizer when the batch ends its grad_accum group.
 
     Groups are counted within the epoch, and the epoch's last group may be shorter: each batch's loss is
     divided by its group's real size, so a group's update is the average over its batches.
     """
-    config = plan.config
     group_start = index - index % config.grad_accum
-    group_size = min(config.grad_accum, plan.batches_per_epoch - group_start)
+    group_size = min(config.grad_accum, batches_in_epoch - group_start)
     steps_now = index == group_start + group_size - 1
     loss = None
     if batch["pixels"] is not None:
@@ -334,22 +351,79 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
 
 
 # =================================================================================================
+# What the data will do: the dataset report, the undersized-image list, the batch schedules
+# =================================================================================================
+
+def dataset_report(plan: RunPlan, tokenizer) -> str:
+    """The report of data/report.py; caption lengths are checked when the tokenizer is at hand."""
+    from data.report import dataset_report as report
+    from utils.models import caption_token_counts
+
+    long_captions, limit = None, None
+    if tokenizer is not None:
+        limit = tokenizer.model_max_length
+        counts = caption_token_counts(tokenizer, [item.caption for item in plan.items])
+        long_captions = [(item.path, count) for item, count in zip(plan.items, counts) if count > limit]
+    return report(plan.config.data_root, plan.config.resolution, plan.scan, plan.data_options, plan.epoch_plan(0),
+                  plan.batches_per_epoch, long_captions, limit)
+
+
+def write_data_records(run_dir: str, report: str, plan: RunPlan) -> None:
+    """dataset_report.txt and, when some images are smaller than their bucket, undersized_images.txt."""
+    from data.report import undersized_lines
+
+    with open(os.path.join(run_dir, "dataset_report.txt"), "w", encoding="utf-8") as handle:
+        handle.write(report)
+    undersized = undersized_lines(plan.items)
+    if undersized:
+        with open(os.path.join(run_dir, "undersized_images.txt"), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(undersized) + "\n")
+
+
+def write_schedule(run_dir: str, plan: RunPlan, epoch: int, batches: list) -> None:
+    """ep<N>_batch_schedule.txt (N counts from 0): every sample of the epoch as it will train."""
+    from data.report import schedule_lines
+
+    first_step = sum(plan.batches_per_epoch[:epoch])
+    with open(os.path.join(run_dir, f"ep{epoch}_batch_schedule.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(schedule_lines(batches, plan.items, first_step)) + "\n")
+
+
+def dry_run(plan: RunPlan) -> int:
+    """--dry_run: the checks, the report and the records, in a run folder; no model is loaded."""
+    from utils.models import load_tokenizer
+    from utils.run_folder import SkipReport, create_run_folder, write_run_settings
+
+    run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
+    write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan))
+    report = dataset_report(plan, load_tokenizer(plan.config.resume_ckpt))
+    print(report, end="")
+    write_data_records(run_dir, report, plan)
+    SkipReport(run_dir, plan.scan.skipped)
+    if plan.config.write_schedule:
+        write_schedule(run_dir, plan, 0, plan.epoch_plan(0))
+    for line in plan.derived:
+        print(f"  {line}")
+    for note in run_info(plan)["notes"]:
+        print(f"note: {note}")
+    print(f"dry run: the config and the data are usable. Records in {run_dir}; no model was loaded.")
+    return 0
+
+
+# =================================================================================================
 # Start-up summary
 # =================================================================================================
 
 def log_summary(plan: RunPlan, trainee: Trainee, run_dir: str, accelerator) -> None:
-    from collections import Counter
-
-    config, items = plan.config, plan.items
+    config = plan.config
     log.info("model: %s", trainee.model.describe())
     log.info("training: %s", " + ".join({"unet": "UNet"}.get(name, name) for name in trainee.trained_parts()))
-    buckets = Counter(item.bucket for item in items)
-    log.info("data: %d images in %s, %d buckets at resolution %d: %s", len(items), config.data_root, len(buckets),
-             config.resolution, ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())))
+    report = dataset_report(plan, trainee.model.tokenizer)
+    log.info("%s", report.rstrip())
+    if run_dir:
+        write_data_records(run_dir, report, plan)
     log.info("batch: %d x grad_accum %d = %d images per optimizer step", config.batch_size, config.grad_accum,
              config.batch_size * config.grad_accum)
-    log.info("steps: %d per epoch (smaller batches close buckets that do not divide evenly), %d in %d epochs",
-             plan.batches_per_epoch, plan.total_batches, config.max_epochs)
     for line in plan.derived:
         log.info("  %s", line)
     for note in run_info(plan)["notes"]:
@@ -363,15 +437,20 @@ def log_summary(plan: RunPlan, trainee: Trainee, run_dir: str, accelerator) -> N
 # =================================================================================================
 
 def main(argv: list[str]) -> int:
+    # Intel MKL may use fewer threads when the machine is busy, which changes the order of its sums: a
+    # CPU run would then differ in the last bits from the same run on an idle machine. Set before torch loads.
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     if not argv:
         print(short_usage())
         return 0
     try:
         plan = plan_run(argv)
-        accelerator = make_accelerator(plan)
+        accelerator = None if plan.config.dry_run else make_accelerator(plan)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    if plan.config.dry_run:
+        return dry_run(plan)
     run_dir = start_run(plan, accelerator)
     return train(plan, accelerator, run_dir)
 
@@ -395,7 +474,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     log_summary(plan, trainee, run_dir, accelerator)
     tracker = make_tracker(run_dir, accelerator.is_main_process)
     tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
-    skipped = SkipReport(run_dir, plan.skipped)
+    skipped = SkipReport(run_dir, plan.scan.skipped)
     epoch_batches = EpochBatches()
     model = trainee.model
     loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=accelerator.device.type == "cuda",
@@ -404,11 +483,14 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     progress = make_progress(plan.total_batches, accelerator.is_main_process)
 
     while state.epoch < config.max_epochs:
-        epoch_batches.set_plan(epoch_plan(config, plan.items, state.epoch))
+        epoch_batches.set_plan(plan.epoch_plan(state.epoch))
+        if config.write_schedule and run_dir:
+            write_schedule(run_dir, plan, state.epoch, epoch_batches.batches)
         meter.start_epoch()
         for index, batch in enumerate(loader):
             skipped.add(batch["failed"])
-            loss = train_batch(trainee, batch, index, optimizer, schedule, plan, state, accelerator)
+            loss = train_batch(trainee, batch, index, len(epoch_batches), optimizer, schedule, config, state,
+                               accelerator)
             state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
             state.elapsed_seconds += meter.add(loss)
             progress.update(1)

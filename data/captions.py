@@ -1,10 +1,18 @@
-"""Captions from file names and `.txt` sidecars, as EveryDream2 reads them. Pure and torch-free."""
+"""Caption text: from file names, from text files, and as given to the tokenizer. Pure and torch-free."""
 
 from __future__ import annotations
 
 import os
+import random
+from dataclasses import dataclass
 
-SIDECAR_EXTENSIONS = (".txt", ".caption")
+DEFAULT_MAX_CAPTION_LENGTH = 2048  # characters; EveryDream2's default, only used by weighted tag shuffling
+
+
+@dataclass(frozen=True)
+class Tag:
+    text: str
+    weight: float = 1.0
 
 
 def caption_from_filename(path: str) -> str:
@@ -27,23 +35,39 @@ def read_text(path: str) -> str:
         return raw.decode("latin-1")
 
 
-def normalize_caption(text: str) -> str:
-    """One line, comma-separated parts stripped, empty parts dropped: `main prompt, tag, tag`."""
-    parts = (part.strip() for part in " ".join(text.split()).split(","))
-    return ", ".join(part for part in parts if part)
+def by_weight(tags: tuple[Tag, ...]) -> list[Tag]:
+    """Tags from the heaviest to the lightest; equal weights keep their order."""
+    return sorted(tags, key=lambda tag: -tag.weight)
 
 
-def sidecar_path(image_path: str) -> str | None:
-    """The caption file next to an image (`IMG.txt`, then `IMG.caption`), if there is one."""
-    base = os.path.splitext(image_path)[0]
-    for extension in SIDECAR_EXTENSIONS:
-        if os.path.isfile(base + extension):
-            return base + extension
-    return None
+def join_caption(main_prompt: str, tags: list[Tag]) -> str:
+    """`main prompt, tag, tag`, leaving out empty parts."""
+    return ", ".join(part for part in [main_prompt] + [tag.text for tag in tags] if part)
 
 
-def image_caption(image_path: str) -> str:
-    """The caption of an image: its sidecar file if present, else its file name."""
-    sidecar = sidecar_path(image_path)
-    text = read_text(sidecar) if sidecar else caption_from_filename(image_path)
-    return normalize_caption(text)
+def compose_caption(main_prompt: str, tags: tuple[Tag, ...], rng: random.Random | None = None, *,
+                    keep_tags: int = 0, max_length: int | None = None) -> str:
+    """The caption as the tokenizer gets it. Without `rng` tags are in weight order; with it they are shuffled.
+
+    The main prompt always comes first, then the first `keep_tags` tags in place. If all weights are equal
+    the other tags are shuffled uniformly. Otherwise they are drawn without replacement with probability
+    proportional to their weight, and drawing stops before a tag would make the caption longer than
+    `max_length` characters (EveryDream2 stops one tag too late).
+    """
+    ordered = by_weight(tags)
+    if rng is None:
+        return join_caption(main_prompt, ordered)
+    kept, rest = ordered[:keep_tags], ordered[keep_tags:]
+    if len({tag.weight for tag in rest}) <= 1:
+        rng.shuffle(rest)
+        return join_caption(main_prompt, kept + rest)
+    # Weighted sampling without replacement (Efraimidis & Spirakis 2006): sort by u^(1/w), u uniform.
+    keys = [rng.random() ** (1.0 / tag.weight) if tag.weight > 0 else 0.0 for tag in rest]
+    drawn = [tag for _, tag in sorted(zip(keys, rest), key=lambda pair: -pair[0])]
+    limit = max_length or DEFAULT_MAX_CAPTION_LENGTH
+    chosen = list(kept)
+    for tag in drawn:
+        if len(join_caption(main_prompt, chosen + [tag])) > limit:
+            break
+        chosen.append(tag)
+    return join_caption(main_prompt, chosen)

@@ -35,11 +35,12 @@ class PlannedImages(torch.utils.data.Dataset):
     def __getitem__(self, sample: Sample) -> dict:
         item = self.items[sample.index]
         try:
-            pixels = load_image(item.path, sample.bucket, sample.crop_x, sample.crop_y, sample.flip)
+            pixels = load_image(item.path, sample.bucket, sample.crop_x, sample.crop_y, sample.flip,
+                                jitter=sample.jitter)
         except UNREADABLE as error:
             return {"failed": item.path, "reason": f"cannot be read: {error}"}
-        return {"pixels": to_model_input(pixels), "caption": "" if sample.drop_caption else item.caption,
-                "index": sample.index}
+        return {"pixels": to_model_input(pixels), "caption": sample.caption, "index": sample.index,
+                "loss_scale": sample.loss_scale}
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -61,6 +62,8 @@ class EpochBatches(torch.utils.data.Sampler):
 class Collate:
     """Stacks a batch and tokenizes its captions (in the worker, off the training loop's thread).
 
+    Captions arrive as planned (shuffled, or empty when dropped); `loss_scale` has one weight per image.
+
     `pixels` and `input_ids` are None when no image of the batch could be read; `failed` lists
     (path, reason) for the images left out.
     """
@@ -75,6 +78,7 @@ class Collate:
                 "captions": captions,
                 "input_ids": self.tokenize(captions) if good and self.tokenize else None,
                 "indices": [s["index"] for s in good],
+                "loss_scale": torch.tensor([s["loss_scale"] for s in good], dtype=torch.float32),
                 "failed": [(s["failed"], s["reason"]) for s in samples if "failed" in s]}
 
 

@@ -1,28 +1,55 @@
-"""The training images as scanned: caption, size and bucket of each, and the files that were skipped.
+"""The training images as scanned: settings, size and bucket of each, and the files that were skipped.
 
-Torch-free: scanning reads file names, caption files and image headers only, so a data_root with no
-usable image is reported before any model or framework loads.
+Torch-free: scanning reads file names, caption and settings files, and image headers only, so a data
+set with no usable image is reported before any model or framework loads. Headers are read by a pool of
+threads (file access dominates), in a fixed order of results whatever the pool does.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from data.buckets import generate_buckets, nearest_bucket
-from data.captions import image_caption
-from data.image_io import UNREADABLE, read_image_size
-from data.scan import find_images
+from data.captions import Tag, caption_from_filename, compose_caption
+from data.image_config import (ImageConfig, ImageConfigError, fold, global_config, local_config, parse_mapping,
+                               sidecar_config, with_filename_caption)
+from data.image_io import MIN_IMAGE_SIDE, UNREADABLE, read_image_size
+from data.scan import data_root_entries, read_manifest, unpack_zips, walk_image_folders
+
+SCAN_THREADS = 16  # header reads wait on the disk far more than on the CPU
 
 
 @dataclass(frozen=True)
 class ImageItem:
-    """A training image: where it is, what it says, and the bucket it trains at."""
+    """A training image: where it is, its caption and settings, and the bucket it trains at."""
 
     path: str  # absolute
-    caption: str
     size: tuple[int, int]  # (width, height) px as displayed, after EXIF rotation
     bucket: tuple[int, int]  # (width, height) px
+    main_prompt: str = ""
+    tags: tuple[Tag, ...] = ()
+    shuffle_tags: bool = False  # this image's own setting; the config's shuffle_tags applies to all
+    max_caption_length: int | None = None  # characters, for weighted tag shuffling
+    multiply: float = 1.0  # copies per epoch
+    rating: float = 1.0
+    flip_p: float | None = None  # None: the config's flip_p
+    cond_dropout: float | None = None  # None: the config's cond_dropout
+    batch_id: str | None = None  # None: the default batch
+    loss_scale: float = 1.0
+    source: str = ""  # for messages: the path, or the manifest entry it came from
+
+    @property
+    def caption(self) -> str:
+        """The caption without shuffling: main prompt, then tags from the heaviest."""
+        return compose_caption(self.main_prompt, self.tags)
+
+    @property
+    def undersized(self) -> bool:
+        """Smaller than its bucket after cropping to the bucket's shape, so it is upscaled."""
+        (width, height), (bucket_w, bucket_h) = self.size, self.bucket
+        return width < bucket_w or height < bucket_h
 
 
 @dataclass(frozen=True)
@@ -31,16 +58,102 @@ class SkippedFile:
     reason: str
 
 
-def scan_dataset(data_root: str, resolution: int) -> tuple[list[ImageItem], list[SkippedFile]]:
-    """Every usable image under data_root with its caption and bucket, and the files that were skipped."""
+@dataclass
+class ScanResult:
+    items: list[ImageItem]
+    skipped: list[SkippedFile]
+    notes: list[str] = field(default_factory=list)  # unknown keys, several main prompts: worth a look
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """An image to scan with the settings that apply to it before its own files, or why it cannot train."""
+
+    path: str
+    inherited: ImageConfig | ImageConfigError
+    read_sidecars: bool  # folder images have sidecars; manifest entries carry their settings themselves
+    source: str
+
+
+def scan_dataset(data_root: str | list[str], resolution: int, threads: int = SCAN_THREADS) -> ScanResult:
+    """Every usable image of data_root (folders and manifests) with its settings and bucket.
+
+    Raises DataRootError for an entry that cannot be read at all (a broken manifest).
+    """
+    notes: list[str] = []
+    candidates, skipped = [], []
+    for root in data_root_entries(data_root):
+        if os.path.isfile(root):
+            found, problems = _manifest_candidates(root, notes)
+        else:
+            unpacked, problems = unpack_zips(root)
+            notes += unpacked
+            found = _folder_candidates(root, notes)
+        candidates += found
+        skipped += [SkippedFile(source, reason) for source, reason in problems]
     buckets = generate_buckets(resolution)
-    items, skipped = [], []
-    for path in find_images(data_root):
-        try:
-            size = read_image_size(path)
-            caption = image_caption(path)
-        except UNREADABLE as error:
-            skipped.append(SkippedFile(path, f"cannot be read: {error}"))
-            continue
-        items.append(ImageItem(os.path.abspath(path), caption, size, nearest_bucket(*size, buckets)))
-    return items, skipped
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(lambda c: _scan_one(c, buckets, notes), candidates))
+    items = [r for r in results if isinstance(r, ImageItem)]
+    skipped += [r for r in results if isinstance(r, SkippedFile)]
+    return ScanResult(items, skipped, sorted(set(notes)))  # threads add notes in any order
+
+
+def _folder_candidates(root: str, notes: list[str]) -> list[_Candidate]:
+    """Images under a folder with the settings of the global files above them and of their folder's files."""
+    inherited: dict[str, ImageConfig | ImageConfigError] = {}
+    candidates = []
+    for folder, paths in walk_image_folders(root):
+        parent = inherited.get(os.path.dirname(folder), ImageConfig()) if folder != root else ImageConfig()
+        inherited[folder] = _settings(parent, global_config, folder, notes)
+        settings = _settings(inherited[folder], local_config, folder, notes)
+        candidates += [_Candidate(os.path.abspath(path), settings, True, path) for path in paths]
+    return candidates
+
+
+def _settings(parent: ImageConfig | ImageConfigError, read, *args) -> ImageConfig | ImageConfigError:
+    """`read(*args)` folded over `parent`, or the error that keeps the images out (a parent's is passed on)."""
+    if isinstance(parent, ImageConfigError):
+        return parent
+    try:
+        return fold([parent, read(*args)])
+    except ImageConfigError as error:
+        return error
+
+
+def _manifest_candidates(path: str, notes: list[str]) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    entries, problems = read_manifest(path)
+    candidates = []
+    for entry in entries:
+        settings = _settings(ImageConfig(), parse_mapping, entry.settings, entry.source, notes)
+        candidates.append(_Candidate(entry.path, settings, False, entry.source))
+    return candidates, problems
+
+
+def _scan_one(candidate: _Candidate, buckets: list[tuple[int, int]], notes: list[str]) -> ImageItem | SkippedFile:
+    """The item for one image, or why it is skipped."""
+    if isinstance(candidate.inherited, ImageConfigError):
+        return SkippedFile(candidate.path, str(candidate.inherited))
+    try:
+        size = read_image_size(candidate.path, min_side=MIN_IMAGE_SIDE)
+    except FileNotFoundError:
+        return SkippedFile(candidate.path, f"does not exist (listed in {candidate.source})")
+    except UNREADABLE as error:
+        return SkippedFile(candidate.path, f"cannot be read as an image: {error}")
+    try:
+        own = sidecar_config(candidate.path, notes) if candidate.read_sidecars else ImageConfig()
+    except ImageConfigError as error:
+        return SkippedFile(candidate.path, str(error))
+    config = with_filename_caption(fold([candidate.inherited, own]), caption_from_filename(candidate.path))
+    if len(config.main_prompts) > 1:
+        notes.append(f"{candidate.source}: several main prompts {list(config.main_prompts)}; the most specific, "
+                     f"{config.main_prompts[0]!r}, is used")
+    return ImageItem(
+        path=candidate.path, size=size, bucket=nearest_bucket(*size, buckets),
+        main_prompt=config.main_prompts[0] if config.main_prompts else "", tags=config.tags,
+        shuffle_tags=bool(config.shuffle_tags), max_caption_length=config.max_caption_length,
+        multiply=1.0 if config.multiply is None else config.multiply,
+        rating=1.0 if config.rating is None else config.rating,
+        flip_p=config.flip_p, cond_dropout=config.cond_dropout, batch_id=config.batch_id,
+        loss_scale=1.0 if config.loss_scale is None else config.loss_scale, source=candidate.source)
+

@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 
 from data.buckets import generate_buckets, nearest_bucket
-from data.captions import caption_from_filename, image_caption, normalize_caption, read_text
+from data.captions import caption_from_filename, compose_caption, read_text
+from data.image_config import parse_caption_text
 from data.image_io import crop_box, load_image, read_image_size
-from data.items import scan_dataset
-from data.plan import Sample, plan_epoch, plan_sample
+from data.items import ImageItem, scan_dataset
+from data.plan import PlanOptions, Sample, plan_epoch, plan_sample
 from data.scan import find_images
 from utils.config import SUPPORTED_RESOLUTIONS
 
@@ -43,7 +44,8 @@ def make_image(path, size=(8, 8), mode="RGB", color=None, fmt=None, **save_args)
 # =================================================================================================
 
 def test_pure_data_modules_do_not_import_torch():
-    code = ("import sys; import data.scan, data.captions, data.buckets, data.plan, data.image_io, data.items; "
+    code = ("import sys; import data.scan, data.captions, data.buckets, data.plan, data.image_io, data.items, "
+            "data.image_config, data.report; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, "a pure data module imported torch\n" + result.stderr
@@ -109,28 +111,33 @@ def test_caption_from_filename(name, caption):
     assert caption_from_filename(name) == caption
 
 
+def caption_of(image_path):
+    """The caption the scan gives one image."""
+    result = scan_dataset(os.path.dirname(image_path), 256)
+    return next(item.caption for item in result.items if item.path == os.path.abspath(image_path))
+
+
 def test_txt_sidecar_wins_over_the_file_name(tmp_path):
-    image = make_image(str(tmp_path / "file name caption_1.png"))
+    image = make_image(str(tmp_path / "file name caption_1.png"), size=(64, 64))
     (tmp_path / "file name caption_1.txt").write_text("sidecar caption, tag", encoding="utf-8")
-    (tmp_path / "file name caption_1.caption").write_text("the other sidecar", encoding="utf-8")
-    assert image_caption(image) == "sidecar caption, tag"
+    assert caption_of(image) == "sidecar caption, tag"
 
 
 def test_caption_sidecar_is_used_when_there_is_no_txt(tmp_path):
-    image = make_image(str(tmp_path / "file name caption.png"))
+    image = make_image(str(tmp_path / "file name caption.png"), size=(64, 64))
     (tmp_path / "file name caption.caption").write_text("from the caption file", encoding="utf-8")
-    assert image_caption(image) == "from the caption file"
+    assert caption_of(image) == "from the caption file"
 
 
 def test_caption_falls_back_to_the_file_name_without_sidecar(tmp_path):
-    image = make_image(str(tmp_path / "a red car_07.jpg"))
-    assert image_caption(image) == "a red car"
+    image = make_image(str(tmp_path / "a red car_07.jpg"), size=(64, 64))
+    assert caption_of(image) == "a red car"
 
 
 def test_sidecar_caption_is_normalized(tmp_path):
-    image = make_image(str(tmp_path / "x.png"))
+    image = make_image(str(tmp_path / "x.png"), size=(64, 64))
     (tmp_path / "x.txt").write_text("  a cat ,\n  sitting   on a mat,, \n", encoding="utf-8")
-    assert image_caption(image) == "a cat, sitting on a mat"
+    assert caption_of(image) == "a cat, sitting on a mat"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -141,9 +148,12 @@ def test_sidecar_caption_is_normalized(tmp_path):
     ("", ""),
     (" , , ", ""),
     ("single", "single"),
+    ("a, b, b, c, a", "a, b, c, a"),  # a repeated tag counts once; a tag may equal the main prompt
 ])
-def test_normalize_caption(text, expected):
-    assert normalize_caption(text) == expected
+def test_caption_text_round_trips_normalized(text, expected):
+    config = parse_caption_text(text)
+    main = config.main_prompts[0] if config.main_prompts else ""
+    assert compose_caption(main, config.tags) == expected
 
 
 def test_read_text_reads_utf8(tmp_path):
@@ -288,20 +298,34 @@ PLAN_BUCKETS = ([(512, 512)] * 11 + [(640, 384)] * 7 + [(384, 640)] * 4 + [(1024
 PLAN_BUCKETS = PLAN_BUCKETS[::2] + PLAN_BUCKETS[1::2]  # interleave so buckets are not contiguous runs
 
 
-def flat(plan):
-    return [sample for batch in plan for sample in batch]
+def make_items(buckets, **settings):
+    """Images with the given buckets (no files needed: the plan reads no file)."""
+    return [ImageItem(f"/data/{i}.jpg", bucket, bucket, main_prompt=f"image {i}", **settings)
+            for i, bucket in enumerate(buckets)]
+
+
+PLAN_ITEMS = make_items(PLAN_BUCKETS)
+
+
+def plan(items, epoch=0, **options):
+    options.setdefault("seed", 7)
+    options.setdefault("batch_size", 2)
+    return plan_epoch(items, epoch, PlanOptions(**options))
+
+
+def flat(batches):
+    return [sample for batch in batches for sample in batch]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 16])
 def test_plan_has_every_image_exactly_once(batch_size):
-    plan = plan_epoch(PLAN_BUCKETS, seed=7, epoch=3, batch_size=batch_size)
-    assert sorted(s.index for s in flat(plan)) == list(range(len(PLAN_BUCKETS)))
+    batches = plan(PLAN_ITEMS, 3, batch_size=batch_size)
+    assert sorted(s.index for s in flat(batches)) == list(range(len(PLAN_BUCKETS)))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4])
 def test_each_batch_holds_one_bucket_and_the_samples_bucket_is_the_images(batch_size):
-    plan = plan_epoch(PLAN_BUCKETS, seed=7, epoch=0, batch_size=batch_size)
-    for batch in plan:
+    for batch in plan(PLAN_ITEMS, batch_size=batch_size):
         assert len({s.bucket for s in batch}) == 1
         for s in batch:
             assert s.bucket == PLAN_BUCKETS[s.index]
@@ -309,51 +333,46 @@ def test_each_batch_holds_one_bucket_and_the_samples_bucket_is_the_images(batch_
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 5, 16])
 def test_batch_sizes_are_bounded_and_at_most_one_short_batch_per_bucket(batch_size):
-    plan = plan_epoch(PLAN_BUCKETS, seed=11, epoch=2, batch_size=batch_size)
-    assert all(1 <= len(batch) <= batch_size for batch in plan)
-    short = Counter(batch[0].bucket for batch in plan if len(batch) < batch_size)
+    batches = plan(PLAN_ITEMS, 2, seed=11, batch_size=batch_size)
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+    short = Counter(batch[0].bucket for batch in batches if len(batch) < batch_size)
     assert all(count <= 1 for count in short.values())
-    counts = Counter(PLAN_BUCKETS)
-    for bucket, count in counts.items():  # the number of batches is the minimum possible
-        assert sum(1 for batch in plan if batch[0].bucket == bucket) == math.ceil(count / batch_size)
+    for bucket, count in Counter(PLAN_BUCKETS).items():  # the number of batches is the minimum possible
+        assert sum(1 for batch in batches if batch[0].bucket == bucket) == math.ceil(count / batch_size)
 
 
 def test_plan_is_a_pure_function_of_its_inputs():
-    args = dict(seed=5, epoch=4, batch_size=3, flip_p=0.5, cond_dropout=0.2)
-    assert plan_epoch(list(PLAN_BUCKETS), **args) == plan_epoch(list(PLAN_BUCKETS), **args)
+    args = dict(seed=5, batch_size=3, flip_p=0.5, cond_dropout=0.2, shuffle_tags=True)
+    assert plan(list(PLAN_ITEMS), 4, **args) == plan(list(PLAN_ITEMS), 4, **args)
 
 
 def test_plan_does_not_modify_its_input():
-    buckets = list(PLAN_BUCKETS)
-    plan_epoch(buckets, seed=5, epoch=1, batch_size=3)
-    assert buckets == PLAN_BUCKETS
+    items = list(PLAN_ITEMS)
+    plan(items, 1, seed=5, batch_size=3)
+    assert items == PLAN_ITEMS
 
 
 def test_a_different_epoch_gives_a_different_order():
-    orders = {tuple(s.index for s in flat(plan_epoch(PLAN_BUCKETS, seed=5, epoch=e, batch_size=2)))
-              for e in range(4)}
+    orders = {tuple(s.index for s in flat(plan(PLAN_ITEMS, e, seed=5))) for e in range(4)}
     assert len(orders) == 4
 
 
 def test_a_different_seed_gives_a_different_order():
-    first = [s.index for s in flat(plan_epoch(PLAN_BUCKETS, seed=1, epoch=0, batch_size=2))]
-    second = [s.index for s in flat(plan_epoch(PLAN_BUCKETS, seed=2, epoch=0, batch_size=2))]
-    assert first != second
+    assert [s.index for s in flat(plan(PLAN_ITEMS, seed=1))] != [s.index for s in flat(plan(PLAN_ITEMS, seed=2))]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_sample_decisions_do_not_depend_on_order_or_batching(batch_size):
-    seed, epoch, flip_p, cond_dropout = 13, 6, 0.5, 0.3
-    plan = plan_epoch(PLAN_BUCKETS, seed, epoch, batch_size, flip_p=flip_p, cond_dropout=cond_dropout)
-    for sample in flat(plan):
-        direct = plan_sample(sample.index, PLAN_BUCKETS[sample.index], seed, epoch, flip_p=flip_p,
-                             cond_dropout=cond_dropout)
-        assert sample == direct
+    options = PlanOptions(seed=13, batch_size=batch_size, flip_p=0.5, cond_dropout=0.3, shuffle_tags=True)
+    for sample in flat(plan_epoch(PLAN_ITEMS, 6, options)):
+        assert sample == plan_sample(PLAN_ITEMS, sample.index, sample.copy, 6, options)
 
 
 def test_sample_decisions_change_with_the_epoch():
-    a = [plan_sample(i, (512, 512), 1, 0, flip_p=0.5, cond_dropout=0.5) for i in range(50)]
-    b = [plan_sample(i, (512, 512), 1, 1, flip_p=0.5, cond_dropout=0.5) for i in range(50)]
+    options = PlanOptions(seed=1, batch_size=1, flip_p=0.5, cond_dropout=0.5)
+    items = make_items([(512, 512)] * 50)
+    a = [plan_sample(items, i, 0, 0, options) for i in range(50)]
+    b = [plan_sample(items, i, 0, 1, options) for i in range(50)]
     assert [(s.crop_x, s.crop_y) for s in a] != [(s.crop_x, s.crop_y) for s in b]
 
 
@@ -368,40 +387,41 @@ def within_binomial_bound(observed, p, n, sigmas=5.0):
 @pytest.mark.parametrize("flip_p, cond_dropout", [(0.5, 0.04), (0.3, 0.1), (0.9, 0.5)])
 def test_flip_and_caption_dropout_rates_match_their_probabilities(flip_p, cond_dropout):
     n = 5000
-    samples = flat(plan_epoch([(512, 512)] * n, seed=21, epoch=0, batch_size=8, flip_p=flip_p,
-                              cond_dropout=cond_dropout))
+    samples = flat(plan(make_items([(512, 512)] * n), seed=21, batch_size=8, flip_p=flip_p,
+                        cond_dropout=cond_dropout))
     assert within_binomial_bound(rate([s.flip for s in samples]), flip_p, n)
-    assert within_binomial_bound(rate([s.drop_caption for s in samples]), cond_dropout, n)
+    assert within_binomial_bound(rate([s.caption == "" for s in samples]), cond_dropout, n)
 
 
 @pytest.mark.parametrize("p, expected", [(0.0, False), (1.0, True)])
 def test_flip_and_caption_dropout_are_exact_at_zero_and_one(p, expected):
-    samples = flat(plan_epoch([(512, 512)] * 500, seed=3, epoch=2, batch_size=4, flip_p=p, cond_dropout=p))
+    samples = flat(plan(make_items([(512, 512)] * 500), 2, seed=3, batch_size=4, flip_p=p, cond_dropout=p))
     assert all(s.flip is expected for s in samples)
-    assert all(s.drop_caption is expected for s in samples)
+    assert all((s.caption == "") is expected for s in samples)
 
 
 def test_plan_defaults_never_flip_nor_drop_captions():
-    samples = flat(plan_epoch([(512, 512)] * 200, seed=3, epoch=0, batch_size=4))
-    assert not any(s.flip or s.drop_caption for s in samples)
+    samples = flat(plan(make_items([(512, 512)] * 200), seed=3, batch_size=4))
+    assert not any(s.flip or s.caption == "" for s in samples)
 
 
 def test_crop_offsets_are_in_the_unit_interval_and_centre_biased():
-    samples = flat(plan_epoch([(512, 512)] * 3000, seed=9, epoch=1, batch_size=4))
+    samples = flat(plan(make_items([(512, 512)] * 3000), 1, seed=9, batch_size=4))
     xs = [s.crop_x for s in samples]
     ys = [s.crop_y for s in samples]
     assert all(0.0 <= v <= 1.0 for v in xs + ys)
     # triangular(0, 1, 0.5): mean 0.5, standard deviation sqrt(1/24)
     bound = 5 * math.sqrt(1 / 24 / len(xs))
     assert abs(rate(xs) - 0.5) < bound and abs(rate(ys) - 0.5) < bound
+    assert all(0.0 <= j < 1.0 for s in samples for j in s.jitter)
 
 
 def test_plan_of_no_images_is_empty():
-    assert plan_epoch([], seed=0, epoch=0, batch_size=4) == []
+    assert plan([], batch_size=4) == []
 
 
 def test_sample_is_immutable():
-    sample = plan_sample(0, (512, 512), 0, 0, flip_p=0.0, cond_dropout=0.0)
+    sample = plan_sample(PLAN_ITEMS, 0, 0, 0, PlanOptions(seed=0, batch_size=1))
     assert isinstance(sample, Sample)
     with pytest.raises(AttributeError):
         sample.flip = True
@@ -540,8 +560,9 @@ def test_scan_dataset_items_have_absolute_paths_captions_and_buckets(tmp_path, m
     make_image(str(tmp_path / "data" / "sub" / "wide.jpg"), size=(600, 200))
     (tmp_path / "data" / "sub" / "wide.txt").write_text("a wide  landscape,\n sunset")
     monkeypatch.chdir(tmp_path)
-    items, skipped = scan_dataset("data", 512)  # relative root
-    assert skipped == []
+    result = scan_dataset("data", 512)  # relative root
+    items = result.items
+    assert result.skipped == []
     by_name = {os.path.basename(item.path): item for item in items}
     assert set(by_name) == {"a square cat_1.png", "wide.jpg"}
     for item in items:
@@ -559,7 +580,7 @@ def test_scan_dataset_items_have_absolute_paths_captions_and_buckets(tmp_path, m
 
 def test_scan_dataset_uses_the_displayed_size_of_rotated_images(tmp_path):
     save_with_orientation(str(tmp_path / "portrait.jpg"), (400, 200), 6)
-    items, _ = scan_dataset(str(tmp_path), 512)
+    items = scan_dataset(str(tmp_path), 512).items
     assert items[0].size == (200, 400)
     assert items[0].bucket[0] < items[0].bucket[1]
 
@@ -569,7 +590,8 @@ def test_scan_dataset_skips_unreadable_files_with_a_reason_and_scans_the_rest(tm
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("this is a text file, not a JPEG\n")
     other = make_image(str(tmp_path / "z" / "other.webp"), size=(128, 64))
-    items, skipped = scan_dataset(str(tmp_path), 256)
+    result = scan_dataset(str(tmp_path), 256)
+    items, skipped = result.items, result.skipped
     assert sorted(item.path for item in items) == sorted(os.path.abspath(p) for p in (good, other))
     assert {os.path.basename(s.path) for s in skipped} == {"empty.png", "notes.jpg"}
     for s in skipped:
@@ -578,4 +600,5 @@ def test_scan_dataset_skips_unreadable_files_with_a_reason_and_scans_the_rest(tm
 
 def test_scan_dataset_of_a_folder_without_images(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
-    assert scan_dataset(str(tmp_path), 512) == ([], [])
+    result = scan_dataset(str(tmp_path), 512)
+    assert result.items == [] and result.skipped == []

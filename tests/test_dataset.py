@@ -12,7 +12,7 @@ from PIL import Image
 from data.dataset import EpochBatches, PlannedImages, make_loader, to_model_input
 from data.image_io import crop_box
 from data.items import ImageItem
-from data.plan import plan_epoch
+from data.plan import PlanOptions, plan_epoch
 
 
 def test_to_model_input_maps_0_to_minus_1_and_255_to_1():
@@ -44,7 +44,7 @@ def _make_items(folder, count=10):
         pixels = rng.randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         path = os.path.join(folder, f"img{i:02d}.png")
         Image.fromarray(pixels).save(path)
-        items.append(ImageItem(path, f"caption {i}", size, bucket))
+        items.append(ImageItem(path, size, bucket, main_prompt=f"caption {i}", loss_scale=1.0 + i))
     return items
 
 
@@ -53,43 +53,49 @@ def items(tmp_path_factory):
     return _make_items(str(tmp_path_factory.mktemp("images")))
 
 
+def plan(items, epoch=0, **options):
+    options.setdefault("cond_dropout", 0.0)
+    return plan_epoch(items, epoch, PlanOptions(**options))
+
+
 def _epoch(items, loader, batches, epoch, **plan_args):
-    batches.set_plan(plan_epoch([item.bucket for item in items], seed=3, epoch=epoch, batch_size=3, **plan_args))
+    batches.set_plan(plan(items, epoch, seed=3, batch_size=3, **plan_args))
     return list(loader)
 
 
 def test_planned_images_item_follows_its_sample(items):
-    plan = plan_epoch([item.bucket for item in items], seed=1, epoch=0, batch_size=1, cond_dropout=1.0)
-    sample = plan[0][0]
+    sample = plan(items, seed=1, batch_size=1, cond_dropout=1.0)[0][0]
     got = PlannedImages(items)[sample]
     w, h = items[sample.index].bucket
     assert got["pixels"].shape == (3, h, w)
     assert got["caption"] == "" and got["index"] == sample.index
+    assert got["loss_scale"] == items[sample.index].loss_scale
 
 
 def test_loader_yields_planned_batches_of_bucket_size(items):
     batches = EpochBatches()
     loader = make_loader(items, batches, num_workers=0, pin_memory=False)
-    plan = plan_epoch([item.bucket for item in items], seed=3, epoch=0, batch_size=3, flip_p=0.5)
-    batches.set_plan(plan)
+    planned_batches = plan(items, seed=3, batch_size=3, flip_p=0.5)
+    batches.set_plan(planned_batches)
     got = list(loader)
-    assert len(got) == len(plan) == len(batches)
-    for batch, planned in zip(got, plan):
+    assert len(got) == len(planned_batches) == len(batches)
+    for batch, planned in zip(got, planned_batches):
         w, h = planned[0].bucket
         assert batch["pixels"].shape == (len(planned), 3, h, w)
         assert batch["pixels"].dtype == torch.float32
         assert batch["indices"] == [s.index for s in planned]
         assert batch["captions"] == [items[s.index].caption for s in planned]
+        assert batch["loss_scale"].tolist() == [items[s.index].loss_scale for s in planned]
     assert sorted(i for batch in got for i in batch["indices"]) == list(range(len(items)))
 
 
 def test_loader_gives_empty_captions_for_dropped_samples(items):
     batches = EpochBatches()
     loader = make_loader(items, batches, num_workers=0, pin_memory=False)
-    plan = plan_epoch([item.bucket for item in items], seed=3, epoch=0, batch_size=3, cond_dropout=0.5)
-    dropped = {s.index for batch in plan for s in batch if s.drop_caption}
+    planned_batches = plan(items, seed=3, batch_size=3, cond_dropout=0.5)
+    dropped = {s.index for batch in planned_batches for s in batch if s.caption == ""}
     assert 0 < len(dropped) < len(items)  # the plan mixes both cases
-    batches.set_plan(plan)
+    batches.set_plan(planned_batches)
     for batch in loader:
         for index, caption in zip(batch["indices"], batch["captions"]):
             assert caption == ("" if index in dropped else items[index].caption)
@@ -98,12 +104,12 @@ def test_loader_gives_empty_captions_for_dropped_samples(items):
 def test_loader_pixels_are_the_planned_crop_and_flip(items):
     batches = EpochBatches()
     loader = make_loader(items, batches, num_workers=0, pin_memory=False)
-    plan = plan_epoch([item.bucket for item in items], seed=8, epoch=1, batch_size=2, flip_p=0.5)
-    batches.set_plan(plan)
-    for batch, planned in zip(loader, plan):
+    planned_batches = plan(items, 1, seed=8, batch_size=2, flip_p=0.5)
+    batches.set_plan(planned_batches)
+    for batch, planned in zip(loader, planned_batches):
         for pixels, s in zip(batch["pixels"], planned):
             with Image.open(items[s.index].path) as image:
-                box = crop_box(*image.size, s.bucket, s.crop_x, s.crop_y)  # the crop the plan asks for
+                box = crop_box(*image.size, s.bucket, s.crop_x, s.crop_y, jitter=s.jitter)  # the planned crop
                 expected = image.convert("RGB").crop(box).resize(s.bucket, Image.Resampling.LANCZOS)
             expected = np.array(expected)
             if s.flip:

@@ -41,7 +41,8 @@ def test_examples_cover_the_demo_aspect_ratios_and_caption_sources():
 
 
 def test_examples_scan_into_five_buckets_at_the_demo_resolution():
-    items, skipped = scan_dataset(str(IMAGES), 256)
+    result = scan_dataset(str(IMAGES), 256)
+    items, skipped = result.items, result.skipped
     assert not skipped and len(items) == len(EXAMPLES)
     assert {item.bucket for item in items} == {(256, 256), (320, 192), (192, 320), (512, 128), (128, 512)}
     squares = [item.caption for item in items if "yellow square" in item.caption]

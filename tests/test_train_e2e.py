@@ -257,3 +257,57 @@ def test_mixed_precision_trains_and_saves_frozen_weights_exactly(tmp_path):
         assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], loaded[k]) for k in saved), part
     unet = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(unet[k], v) for k, v in base["unet"].state_dict().items())
+
+
+def test_dry_run_reports_the_data_and_writes_the_schedule_without_loading_a_model(tmp_path):
+    result = run_train("--config", "train.json", "--dry_run", "--write_schedule", "--logdir", str(tmp_path / "logs"))
+    output = result.stdout + result.stderr
+    assert "Dataset report: examples/images" in output and "images found: 12, used: 12, skipped: 0" in output
+    assert "dry run: the config and the data are usable" in output
+    assert "model:" not in output  # the summary line printed once the model is loaded
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["dataset_report.txt", "ep0_batch_schedule.txt",
+                                                         "run_info.json", "train_config.json"]
+    lines = [json.loads(line) for line in (run_dir / "ep0_batch_schedule.txt").read_text().splitlines()]
+    assert len(lines) == 12 and {line["step"] for line in lines} == set(range(BATCHES_PER_EPOCH))
+
+
+def test_everydream2_data_conventions_train_end_to_end(tmp_path):
+    """Folder files, a YAML sidecar, a manifest, an undersized image and write_schedule in one real run: the
+    schedule's captions are what trained, the multiplied epoch sets the step count, the records are written."""
+    import shutil
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    shutil.copytree(REPO / "examples" / "images", images / "base")
+    (images / "extra").mkdir()
+    Image.new("RGB", (100, 100), (10, 200, 30)).save(images / "extra" / "small green square.png")  # undersized
+    (images / "extra" / "multiply.txt").write_text("3")
+    (images / "extra" / "global.yaml").write_text("tags: [flat colour]\nloss_scale: 0.5\n")
+    manifest_dir = tmp_path / "manifest"
+    manifest_dir.mkdir()
+    (manifest_dir / "list.json").write_text(json.dumps([
+        {"image": "../images/base/checker.png", "main_prompt": "checkerboard from the manifest",
+         "tags": [{"tag": "heavy", "weight": 3}, "light"]}]))
+    config = json.loads((REPO / "train.json").read_text())
+    config.update(data_root=[str(images), str(manifest_dir / "list.json")], cond_dropout=0.0, max_epochs=2,
+                  write_schedule=True, no_save_ckpt=True, logdir=str(tmp_path / "logs"), log_step=1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = run_train("--config", str(tmp_path / "config.json"))
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    report = (run_dir / "dataset_report.txt").read_text()
+    assert "images found: 14, used: 14" in report and "images per epoch after multipliers: 16" in report
+    assert "small green square.png" in (run_dir / "undersized_images.txt").read_text()
+    schedules = [[json.loads(line) for line in (run_dir / f"ep{e}_batch_schedule.txt").read_text().splitlines()]
+                 for e in range(2)]
+    for lines in schedules:
+        assert len(lines) == 16
+        small = [line for line in lines if line["path"].endswith("small green square.png")]
+        assert [line["caption"] for line in small] == ["small green square, flat colour"] * 3
+        assert {line["loss_scale"] for line in small} == {0.5}
+        assert "checkerboard from the manifest, heavy, light" in [line["caption"] for line in lines]
+    steps = [step for step, _ in scalars(run_dir, "loss/log_step")]
+    total = sum(len({line["step"] for line in lines}) for lines in schedules)
+    assert steps == list(range(1, total + 1))
+    assert "done:" in result.stdout + result.stderr

@@ -90,9 +90,10 @@ class TrainConfig:
         "training process.", group="Model", minimum=0)
 
     # --- Data --------------------------------------------------------------------------------------
-    data_root: str = option(
-        "input", "Folder of training images, searched recursively; captions come from file names or "
-        "`.txt` sidecars.", group="Data")
+    data_root: str | list[str] = option(
+        "input", "Training images: a folder (searched recursively; captions from file names, sidecars and "
+        "folder files), a JSON manifest file, or (in a JSON config) a list of folders and manifests. See "
+        "doc/DATA.md.", group="Data")
     resolution: int = option(
         512, "Training resolution in px: buckets hold about resolution² pixels. A multiple of 64 from 256 to "
         "2048.", group="Data", choices=SUPPORTED_RESOLUTIONS)
@@ -101,28 +102,33 @@ class TrainConfig:
         1, "Batches whose gradients are averaged into one optimizer step.", group="Data", minimum=1)
     flip_p: float = option(
         0.0, "Probability of flipping an image horizontally (0 = never). Not for asymmetric subjects such as "
-        "faces.", group="Data", minimum=0.0, maximum=1.0)
+        "faces. A folder's flip_p.txt or an image's `flip_p` overrides it.", group="Data", minimum=0.0,
+        maximum=1.0)
     cond_dropout: float = option(
-        0.04, "Probability of training an image with the empty caption, for classifier-free guidance.",
-        group="Data", minimum=0.0, maximum=1.0)
+        0.04, "Probability of training an image with the empty caption, for classifier-free guidance. A "
+        "folder's cond_dropout.txt or an image's `cond_dropout` overrides it.", group="Data", minimum=0.0,
+        maximum=1.0)
     seed: int = option(
         555, "Seed for data order, crops, flips, noise and timesteps; epoch N shuffles with seed + N. "
         "-1 = random, resolved once and recorded.", group="Data", minimum=-1, maximum=2**32 - 1)
     shuffle_tags: bool = option(
-        False, "Shuffle the comma-separated tags after the first part of each caption.", group="Data",
-        planned="tag shuffling")
+        False, "Shuffle the tags (the comma-separated parts after the main prompt) of every caption, anew "
+        "for each image and epoch. Folders and images can turn it on for themselves (shuffle_tags.txt).",
+        group="Data")
     keep_tags: int = option(
-        0, "With shuffle_tags, keep the first N tags in place.", group="Data", minimum=0,
-        planned="tag shuffling")
+        0, "When tags are shuffled, keep the first N tags in place.", group="Data", minimum=0)
     write_schedule: bool = option(
-        False, "Write each epoch's batches to ep<N>_batch_schedule.txt in the run folder.", group="Data",
-        planned="batch schedule files")
+        False, "Write each epoch's samples (step, bucket, path, caption as trained, flip) to "
+        "ep<N>_batch_schedule.txt in the run folder.", group="Data")
     rated_dataset: bool = option(
-        False, "Train lower-rated images less often as epochs go by (uses each image's `rating`).",
-        group="Data", planned="rated datasets")
+        False, "Train lower-rated images less often as epochs go by: after the first epoch, each epoch draws "
+        "fewer images, by their `rating`.", group="Data")
     rated_dataset_target_dropout_percent: int = option(
-        50, "With rated_dataset: percent of images still used in the last epoch.", group="Data",
-        minimum=0, maximum=100, planned="rated datasets")
+        50, "With rated_dataset: percent of the images still used in the last epoch (100% in the first).",
+        group="Data", minimum=0, maximum=100)
+    dry_run: bool = option(
+        False, "Check the config and the data, print the dataset report (and write epoch 1's schedule with "
+        "write_schedule), then exit without loading the model.", group="Data")
 
     # --- Training ----------------------------------------------------------------------------------
     max_epochs: int = option(300, "Passes over the data set.", group="Training", minimum=1)
@@ -350,6 +356,8 @@ class LoadedConfig:
 
 def describe_type(tp: Any) -> str:
     base = _strip_optional(tp)
+    if _is_union(base):
+        return " or ".join(describe_type(member) for member in get_args(base))
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     text = names.get(base, "a list of strings")
     return text + (" or null" if _is_optional(tp) else "")
@@ -357,6 +365,10 @@ def describe_type(tp: Any) -> str:
 
 def _is_optional(tp: Any) -> bool:
     return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -372,7 +384,13 @@ def coerce_json(value: Any, tp: Any) -> Any:
             return None
         raise ValueError(f"expected {describe_type(tp)}, got null")
     base = _strip_optional(tp)
-    if base is bool:
+    if _is_union(base):  # e.g. data_root: a path or a list of paths
+        for member in get_args(base):
+            try:
+                return coerce_json(value, member)
+            except ValueError:
+                continue
+    elif base is bool:
         if isinstance(value, bool):
             return value
     elif base is int:
@@ -474,9 +492,12 @@ def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> 
     message = resume_ckpt_problem(cfg.resume_ckpt)
     if message:
         add("resume_ckpt", message)
-    if not os.path.isdir(cfg.data_root):
-        what = "is a file, not a folder" if os.path.exists(cfg.data_root) else "does not exist"
-        add("data_root", f"{cfg.data_root!r} {what}: point it at the folder of training images.")
+    for root in [cfg.data_root] if isinstance(cfg.data_root, str) else cfg.data_root:
+        if os.path.isfile(root) and not root.lower().endswith(".json"):
+            add("data_root", f"{root!r} is a file but not a .json manifest: point data_root at the folder of "
+                "training images, or at a JSON manifest (doc/DATA.md).")
+        elif not os.path.exists(root):
+            add("data_root", f"{root!r} does not exist: point it at the folder of training images.")
     if cfg.disable_unet_training and cfg.disable_textenc_training:
         add("disable_unet_training", "and disable_textenc_training are both true: nothing would train.")
     if cfg.timestep_start >= cfg.timestep_end:
@@ -645,6 +666,8 @@ def _add_flag(group: argparse._ArgumentGroup, name: str, tp: Any, help_text: str
     base = _strip_optional(tp)
     if base is bool:
         group.add_argument(f"--{name}", nargs="?", const="true", metavar="true|false", help=help_text)
+    elif _is_union(base):  # a path or several paths: data_root
+        group.add_argument(f"--{name}", nargs="+", metavar="PATH", help=help_text)
     elif get_origin(base) is list:
         group.add_argument(f"--{name}", nargs="*", metavar="X", help=help_text)
     elif choices and name != "resolution":
@@ -677,7 +700,9 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any], list[ConfigP
     typed = {}
     for key, value in values.items():
         tp = FIELD_TYPES[key] if key in FIELDS else LEGACY_KEYS[key].type
-        if isinstance(value, str):
+        if isinstance(value, list) and _is_union(tp) and len(value) == 1:
+            value = value[0]  # `--data_root folder`: one path, as in a JSON file
+        elif isinstance(value, str):
             try:
                 value = coerce_text(value, tp)
             except ValueError as error:

@@ -72,6 +72,14 @@ def training_target(prediction_type: str, latents: torch.Tensor, noise: torch.Te
     raise ValueError(f"prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
 
 
-def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every element, computed in fp32 whatever the autocast dtype."""
-    return torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="mean")
+def mse_loss(prediction: torch.Tensor, target: torch.Tensor, loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error, computed in fp32 whatever the autocast dtype.
+
+    `loss_scale` (one number per sample, from the data's `loss_scale`) weights each sample's mean error;
+    with all ones this is the plain mean over every element.
+    """
+    per_sample = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = per_sample.flatten(1).mean(dim=1)
+    if loss_scale is not None:
+        per_sample = per_sample * loss_scale.to(per_sample.device, torch.float32)
+    return per_sample.mean()

@@ -142,3 +142,38 @@ def training_noise_scheduler(model: SDModel, train_sampler: str):
     import diffusers
 
     return getattr(diffusers, TRAIN_SAMPLERS[train_sampler]).from_config(model.scheduler.config)
+
+
+def load_tokenizer(resume_ckpt: str):
+    """The model's tokenizer alone, without its weights (for the dataset report of a dry run).
+
+    None when it is not on this machine: a dry run never downloads anything.
+    """
+    if resume_ckpt == BUILTIN_TINY:
+        from utils.tiny_model import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    folder = _local_tokenizer_folder(resume_ckpt)
+    if folder is None:
+        return None
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def _local_tokenizer_folder(resume_ckpt: str) -> str | None:
+    """`tokenizer/` of a diffusers folder, or of a Hugging Face repo in the local cache; None if absent."""
+    names = ("vocab.json", "merges.txt")
+    if os.path.isdir(resume_ckpt):
+        folder = os.path.join(resume_ckpt, "tokenizer")
+        return folder if all(os.path.isfile(os.path.join(folder, n)) for n in names) else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = [try_to_load_from_cache(resume_ckpt, f"tokenizer/{name}") for name in names]
+    return os.path.dirname(found[0]) if all(isinstance(path, str) for path in found) else None
+
+
+def caption_token_counts(tokenizer, captions: list[str]) -> list[int]:
+    """Tokens per caption, start and end tokens included, before the text encoder's truncation."""
+    ids = tokenizer(captions, truncation=False, verbose=False).input_ids
+    return [len(tokens) for tokens in ids]

@@ -92,22 +92,32 @@ def write_run_settings(run_dir: str, config: dict, info: dict) -> None:
 
 
 class SkipReport:
-    """Images left out of training: each named once in the log and listed in skipped_images.txt."""
+    """Images left out of training, each listed once in skipped_images.txt.
+
+    Those skipped by the scan are already in the dataset report; images that fail later (deleted or
+    damaged while training) are also logged as they happen.
+    """
 
     def __init__(self, run_dir: str | None, scanned: list):
         self.path = os.path.join(run_dir, SKIPPED_FILE) if run_dir else None
         self.seen: set[str] = set()
-        self.add([(entry.path, entry.reason) for entry in scanned])
+        self._record([(entry.path, entry.reason) for entry in scanned])
 
     def add(self, entries: list[tuple[str, str]]) -> None:
-        for path, reason in entries:
-            if path in self.seen:
-                continue
-            self.seen.add(path)
+        for path, reason in self._record(entries):
             log.warning("skipped %s: %s", path, reason)
-            if self.path:
-                with open(self.path, "a", encoding="utf-8") as handle:
-                    handle.write(f"{path}\t{reason}\n")
+
+    def _record(self, entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Write the entries not seen before to the file; return them."""
+        new = []
+        for path, reason in entries:
+            if path not in self.seen:
+                self.seen.add(path)
+                new.append((path, reason))
+        if new and self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.writelines(f"{path}\t{reason}\n" for path, reason in new)
+        return new
 
     def summary(self) -> str:
         return f"; {len(self.seen)} image(s) skipped, listed in {SKIPPED_FILE}" if self.seen else ""
