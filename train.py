@@ -115,6 +115,9 @@ def plan_run(argv: list[str]) -> RunPlan:
         raise ConfigError(problems)
     options = data_options(config)
     per_epoch = batches_per_epoch(scan.items, options)
+    if not sum(per_epoch):
+        raise ConfigError([ConfigProblem("data_root", loaded.origins["data_root"], f"{len(scan.items)} usable "
+                                         "images, but every one has multiply: 0, so nothing would train.")])
     schedule = schedule_steps(sum(math.ceil(count / config.grad_accum) for count in per_epoch),
                               config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps)
     derived += list(optimizer_settings.origins) + [schedule.origin]

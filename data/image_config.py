@@ -68,12 +68,13 @@ def _merge(general: ImageConfig, specific: ImageConfig) -> ImageConfig:
 # =================================================================================================
 
 def parse_caption_text(text: str) -> ImageConfig:
-    """`main prompt, tag, tag`: the first comma-separated part is the main prompt, the rest are tags."""
+    """`main prompt, tag, tag`: the first comma-separated part is the main prompt, the rest are tags.
+
+    An empty first part (`, tag, tag`) means no main prompt, so the file name's is used (as EveryDream2).
+    """
     parts = [part.strip() for part in " ".join(text.split()).split(",")]
-    parts = [part for part in parts if part]
-    if not parts:
-        return ImageConfig()
-    return ImageConfig(main_prompts=(parts[0],), tags=_unique_tags(Tag(part) for part in parts[1:]))
+    main = (parts[0],) if parts and parts[0] else ()
+    return ImageConfig(main_prompts=main, tags=_unique_tags(Tag(part) for part in parts[1:] if part))
 
 
 def _unique_tags(tags) -> tuple[Tag, ...]:
@@ -86,13 +87,15 @@ def _unique_tags(tags) -> tuple[Tag, ...]:
     return tuple(unique)
 
 
-def parse_mapping(data: dict, source: str, notes: list[str]) -> ImageConfig:
-    """A YAML or JSON object of image settings. Unknown keys are noted, not fatal (EveryDream2 ignores them)."""
+def parse_mapping(data: dict, source: str, notes: list[str], folder: str | None = None) -> ImageConfig:
+    """A YAML or JSON object of image settings. Unknown keys are noted, not fatal (EveryDream2 ignores them).
+
+    `folder` is where file names in `caption:` are looked up: the folder of the YAML file or manifest.
+    """
     if not isinstance(data, dict):
         raise ImageConfigError(f"{source}: expected key: value pairs, got {type(data).__name__}")
-    for key in sorted(set(data) - KNOWN_KEYS - {"image"}):
+    for key in sorted(set(data) - KNOWN_KEYS - {"image"}, key=str):
         notes.append(f"{source}: unknown key {key!r} ignored (known: {', '.join(sorted(KNOWN_KEYS))})")
-    from_caption = _parse_caption_value(data["caption"], source, notes) if data.get("caption") is not None else None
     own = ImageConfig(
         main_prompts=_main_prompts(data.get("main_prompt"), source),
         tags=_tags(data.get("tags"), source),
@@ -104,47 +107,66 @@ def parse_mapping(data: dict, source: str, notes: list[str]) -> ImageConfig:
         shuffle_tags=_boolean(data, "shuffle_tags", source),
         batch_id=_text(data, "batch_id", source),
         loss_scale=_number(data, "loss_scale", source))
-    return fold([from_caption, own]) if from_caption else own
+    if data.get("caption") is None:
+        return own
+    # As EveryDream2: what `caption:` holds is more specific than the keys beside it.
+    return fold([own, _parse_caption_value(data["caption"], source, notes, folder)])
 
 
-def _parse_caption_value(value, source: str, notes: list[str]) -> ImageConfig:
-    """`caption:` holds caption text, the path of a caption/yaml/json file, or a nested object."""
+def _parse_caption_value(value, source: str, notes: list[str], folder: str | None) -> ImageConfig:
+    """`caption:` holds caption text, the name of a caption/YAML/JSON file, or nested settings."""
     if isinstance(value, dict):
-        return parse_mapping(value, f"{source} (caption)", notes)
+        return parse_mapping(value, f"{source} (caption)", notes, folder)
     if isinstance(value, str):
-        return parse_caption_text(value)
+        referenced = _referenced_file(folder, value)
+        return read_config_file(referenced, notes) if referenced else parse_caption_text(value)
     raise ImageConfigError(f"{source}: caption must be text or key: value pairs, got {value!r}")
+
+
+def _as_text(value) -> str | None:
+    """Text as written; YAML reads `2023` or `1.5` as numbers, which are text here. None for other values."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _main_prompts(value, source: str) -> tuple[str, ...]:
     if value is None:
         return ()
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, str) for v in values):
+    texts = [_as_text(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    if any(text is None for text in texts):
         raise ImageConfigError(f"{source}: main_prompt must be text or a list of texts, got {value!r}")
-    return tuple(dict.fromkeys(v.strip() for v in values if v.strip()))
+    return tuple(dict.fromkeys(text for text in texts if text))
 
 
 def _tags(value, source: str) -> tuple[Tag, ...]:
+    """A list of tags, each text or {tag, weight}; a comma-separated string is accepted too."""
     if value is None:
         return ()
     if isinstance(value, str):
-        return parse_caption_text("," + value).tags
+        return _unique_tags(Tag(part.strip()) for part in value.split(",") if part.strip())
     if not isinstance(value, list):
         raise ImageConfigError(f"{source}: tags must be a list, got {value!r}")
     tags = []
     for entry in value:
-        if isinstance(entry, str):
-            tags.append(Tag(entry.strip()))
-        elif isinstance(entry, dict) and isinstance(entry.get("tag"), str):
-            weight = entry.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or math.isnan(weight):
-                raise ImageConfigError(f"{source}: tag {entry['tag']!r} has weight {weight!r}; weights are "
-                                       "numbers >= 0")
-            tags.append(Tag(entry["tag"].strip(), float(weight)))
+        if entry is None:  # a stray `- ` line in YAML
+            continue
+        if isinstance(entry, dict) and _as_text(entry.get("tag")) is not None:
+            tags.append(Tag(_as_text(entry["tag"]), _weight(entry, source)))
+        elif _as_text(entry) is not None:
+            tags.append(Tag(_as_text(entry)))
         else:
             raise ImageConfigError(f"{source}: each tag is text or {{tag: text, weight: number}}, got {entry!r}")
     return _unique_tags(tag for tag in tags if tag.text)
+
+
+def _weight(entry: dict, source: str) -> float:
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or math.isinf(weight):
+        raise ImageConfigError(f"{source}: tag {entry['tag']!r} has weight {weight!r}; weights are numbers >= 0")
+    return float(weight)
 
 
 def _number(data: dict, key: str, source: str, minimum: float | None = None,
@@ -190,12 +212,28 @@ def _text(data: dict, key: str, source: str) -> str | None:
 # Files
 # =================================================================================================
 
-def read_config_file(path: str, notes: list[str]) -> ImageConfig:
+CONFIG_FILE_EXTENSIONS = (".txt", ".caption", ".yaml", ".yml", ".json")
+
+
+def _referenced_file(folder: str | None, text: str) -> str | None:
+    """The settings file a caption names (`shared.yaml`), looked up in `folder`; None if it names none."""
+    name = text.strip()
+    if folder is None or not name or not name.lower().endswith(CONFIG_FILE_EXTENSIONS):
+        return None
+    path = os.path.join(folder, name)
+    return path if os.path.isfile(path) else None
+
+
+def read_config_file(path: str, notes: list[str], _seen: frozenset = frozenset()) -> ImageConfig:
     """A caption (.txt/.caption), YAML (.yaml/.yml) or JSON (.json) file as image settings."""
+    real = os.path.realpath(path)
+    if real in _seen:
+        raise ImageConfigError(f"{path}: caption files refer to each other in a loop")
     try:
         text = read_text(path)
     except OSError as error:
         raise ImageConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    folder = os.path.dirname(path)
     extension = os.path.splitext(path)[1].lower()
     if extension in (".yaml", ".yml", ".json"):
         try:
@@ -203,10 +241,10 @@ def read_config_file(path: str, notes: list[str]) -> ImageConfig:
         except (yaml.YAMLError, json.JSONDecodeError) as error:
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ImageConfigError(f"{path}: not valid {extension[1:].upper()}: {first_line}") from None
-        return ImageConfig() if data is None else parse_mapping(data, path, notes)
-    referenced = os.path.join(os.path.dirname(path), text.strip())
-    if text.strip() and os.path.isfile(referenced) and os.path.abspath(referenced) != os.path.abspath(path):
-        return read_config_file(referenced, notes)  # EveryDream2: a caption file may name a config file
+        return ImageConfig() if data is None else parse_mapping(data, path, notes, folder)
+    referenced = _referenced_file(folder, text)
+    if referenced:  # EveryDream2: a caption file may name a settings file
+        return read_config_file(referenced, notes, _seen | {real})
     return parse_caption_text(text)
 
 
@@ -237,6 +275,9 @@ def folder_file_config(path: str, notes: list[str]) -> ImageConfig:
             text = read_text(path).strip()
         except OSError as error:
             raise ImageConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+        if not text:  # as EveryDream2: an empty file sets nothing
+            notes.append(f"{path}: empty, ignored")
+            return ImageConfig()
         key = NUMBER_FILES.get(name, "batch_id")
         # One value: parse it as the same key of a YAML file would be, with the same checks.
         return parse_mapping({key: text}, path, notes)

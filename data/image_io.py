@@ -98,9 +98,10 @@ NO_JITTER = (0.0, 0.0, 0.0, 0.0)
 
 
 def jitter_fraction(width: int, height: int, bucket: tuple[int, int]) -> float:
-    """How much of the short side each jitter draw may trim: up to MAX_CROP_JITTER, and none at all when
-    the image is not larger than the bucket by at least that much, so jitter never forces an upscale
-    that was not already needed."""
+    """How much of the short side each jitter draw may trim: the image's surplus over the bucket (as a
+    fraction of the bucket), at most MAX_CROP_JITTER, none for an image no larger than its bucket
+    (EveryDream2's rule). jitter_trims also keeps the trims within the surplus, so jitter never forces
+    an upscale that was not already needed."""
     bucket_w, bucket_h = bucket
     room = min((width - bucket_w) / bucket_w, (height - bucket_h) / bucket_h)
     return min(max(room, 0.0), MAX_CROP_JITTER)
@@ -114,7 +115,18 @@ def jitter_trims(width: int, height: int, bucket: tuple[int, int],
         return 0, 0, 0, 0
     short_side = min(width, height)
     left, top, right, bottom = (round(draw * allowed * short_side) for draw in jitter)
+    # Never trim into the bucket's size: jitter alone must not turn a crop into an upscale.
+    left, right = _within(left, right, width - bucket[0])
+    top, bottom = _within(top, bottom, height - bucket[1])
     return left, top, right, bottom
+
+
+def _within(first: int, second: int, room: int) -> tuple[int, int]:
+    """Two trims scaled down together so that they add up to at most `room` px."""
+    if first + second <= room:
+        return first, second
+    scale = max(room, 0) / (first + second)
+    return int(first * scale), int(second * scale)
 
 
 def crop_box(width: int, height: int, bucket: tuple[int, int], crop_x: float, crop_y: float, *,

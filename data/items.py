@@ -83,12 +83,14 @@ def scan_dataset(data_root: str | list[str], resolution: int, threads: int = SCA
     notes: list[str] = []
     candidates, skipped = [], []
     for root in data_root_entries(data_root):
+        root = os.path.normpath(root)  # `folder/` and `folder` must walk alike
         if os.path.isfile(root):
             found, problems = _manifest_candidates(root, notes)
         else:
             unpacked, problems = unpack_zips(root)
             notes += unpacked
-            found = _folder_candidates(root, notes)
+            found, unreadable = _folder_candidates(root, notes)
+            problems += unreadable
         candidates += found
         skipped += [SkippedFile(source, reason) for source, reason in problems]
     buckets = generate_buckets(resolution)
@@ -99,16 +101,18 @@ def scan_dataset(data_root: str | list[str], resolution: int, threads: int = SCA
     return ScanResult(items, skipped, sorted(set(notes)))  # threads add notes in any order
 
 
-def _folder_candidates(root: str, notes: list[str]) -> list[_Candidate]:
-    """Images under a folder with the settings of the global files above them and of their folder's files."""
+def _folder_candidates(root: str, notes: list[str]) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    """Images under a folder with the settings of the global files above them and of their folder's files;
+    and the folders that could not be read."""
     inherited: dict[str, ImageConfig | ImageConfigError] = {}
     candidates = []
-    for folder, paths in walk_image_folders(root):
-        parent = inherited.get(os.path.dirname(folder), ImageConfig()) if folder != root else ImageConfig()
+    folders, problems = walk_image_folders(root)
+    for folder, paths in folders:
+        parent = inherited[os.path.dirname(folder)] if folder != root else ImageConfig()  # walked top-down
         inherited[folder] = _settings(parent, global_config, folder, notes)
         settings = _settings(inherited[folder], local_config, folder, notes)
         candidates += [_Candidate(os.path.abspath(path), settings, True, path) for path in paths]
-    return candidates
+    return candidates, problems
 
 
 def _settings(parent: ImageConfig | ImageConfigError, read, *args) -> ImageConfig | ImageConfigError:
@@ -123,9 +127,10 @@ def _settings(parent: ImageConfig | ImageConfigError, read, *args) -> ImageConfi
 
 def _manifest_candidates(path: str, notes: list[str]) -> tuple[list[_Candidate], list[tuple[str, str]]]:
     entries, problems = read_manifest(path)
+    folder = os.path.dirname(os.path.abspath(path))  # where file names in `caption:` are looked up
     candidates = []
     for entry in entries:
-        settings = _settings(ImageConfig(), parse_mapping, entry.settings, entry.source, notes)
+        settings = _settings(ImageConfig(), parse_mapping, entry.settings, entry.source, notes, folder)
         candidates.append(_Candidate(entry.path, settings, False, entry.source))
     return candidates, problems
 
@@ -137,13 +142,17 @@ def _scan_one(candidate: _Candidate, buckets: list[tuple[int, int]], notes: list
     try:
         size = read_image_size(candidate.path, min_side=MIN_IMAGE_SIDE)
     except FileNotFoundError:
-        return SkippedFile(candidate.path, f"does not exist (listed in {candidate.source})")
+        listed = "" if candidate.read_sidecars else f" (listed in {candidate.source})"
+        return SkippedFile(candidate.path, f"does not exist{listed}")
     except UNREADABLE as error:
         return SkippedFile(candidate.path, f"cannot be read as an image: {error}")
     try:
         own = sidecar_config(candidate.path, notes) if candidate.read_sidecars else ImageConfig()
     except ImageConfigError as error:
         return SkippedFile(candidate.path, str(error))
+    except Exception as error:  # a bad file must not stop a 10,000-image scan: report it and go on
+        return SkippedFile(candidate.path, f"its caption or settings files cannot be used: "
+                                           f"{type(error).__name__}: {error}")
     config = with_filename_caption(fold([candidate.inherited, own]), caption_from_filename(candidate.path))
     if len(config.main_prompts) > 1:
         notes.append(f"{candidate.source}: several main prompts {list(config.main_prompts)}; the most specific, "

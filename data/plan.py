@@ -126,10 +126,11 @@ def _multiplied_selection(items: list[ImageItem], rng: random.Random) -> list[tu
 
 def _rated_selection(items: list[ImageItem], fraction: float, rng: random.Random) -> list[int]:
     """ceil(fraction x images) images, drawn without replacement with probability proportional to rating
-    (Efraimidis & Spirakis 2006: keep the largest u^(1/rating), u uniform)."""
-    count = math.ceil(len(items) * fraction - 1e-9)
-    keys = [(rng.random() ** (1.0 / item.rating) if item.rating > 0 else 0.0, index)
-            for index, item in enumerate(items)]
+    (Efraimidis & Spirakis 2006: keep the largest u^(1/rating), u uniform). Images with multiply 0 never train."""
+    candidates = [index for index, item in enumerate(items) if item.multiply > 0]
+    count = math.ceil(len(candidates) * fraction - 1e-9)
+    keys = [(rng.random() ** (1.0 / items[index].rating) if items[index].rating > 0 else 0.0, index)
+            for index in candidates]
     return sorted(index for _, index in sorted(keys, reverse=True)[:count])
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 
 from data.items import ScanResult
 from data.plan import PlanOptions, Sample
+from data.scan import is_image_file
 
 SHOWN = 10  # examples listed in the report per kind of problem; the files in the run folder list them all
 
@@ -21,8 +23,9 @@ def dataset_report(data_root, resolution: int, scan: ScanResult, options: PlanOp
                    token_limit: int | None) -> str:
     """The dataset report, printed at start and saved as dataset_report.txt in the run folder."""
     items, skipped = scan.items, scan.skipped
+    found = len(items) + sum(1 for entry in skipped if is_image_file(os.path.basename(entry.path)))
     lines = [f"Dataset report: {data_root}",
-             f"  images found: {len(items) + len(skipped)}, used: {len(items)}, skipped: {len(skipped)}"
+             f"  images found: {found}, used: {len(items)}, skipped: {len(skipped)}"
              + (" (each listed with its reason in skipped_images.txt)" if skipped else "")]
     lines += [f"    skipped {entry.path}: {entry.reason}" for entry in skipped[:SHOWN]]
     if len(skipped) > SHOWN:
@@ -35,7 +38,9 @@ def dataset_report(data_root, resolution: int, scan: ScanResult, options: PlanOp
               for item in undersized[:SHOWN]]
     lines += _caption_lines(long_captions, token_limit)
     lines += _epoch_lines(items, options, first_epoch, batches_per_epoch)
-    lines += [f"  note: {note}" for note in scan.notes]
+    lines += [f"  note: {note}" for note in scan.notes[:SHOWN]]
+    if len(scan.notes) > SHOWN:
+        lines.append(f"  ... and {len(scan.notes) - SHOWN} more notes")
     return "\n".join(lines) + "\n"
 
 
@@ -71,7 +76,7 @@ def _caption_lines(long_captions: list[tuple[str, int]] | None, token_limit: int
 
 def _epoch_lines(items, options: PlanOptions, first_epoch: list[list[Sample]], batches_per_epoch: list[int]) -> list[str]:
     samples = sum(len(batch) for batch in first_epoch)
-    steps = [math.ceil(count / options.grad_accum) for count in batches_per_epoch]
+    steps = [math.ceil(count / options.batches_per_step) for count in batches_per_epoch]
     lines = [f"  images per epoch after multipliers: {samples} (from {len(items)} images)"]
     if options.rated_dataset:
         lines.append(f"  rated_dataset: epochs after the first draw images by rating, from 100% down to "

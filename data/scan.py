@@ -20,21 +20,36 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk_image_folders(root: str) -> list[tuple[str, list[str]]]:
-    """(folder, sorted image paths in it) for `root` and every folder below it, parents before children.
+def walk_folders(root: str, problems: list[tuple[str, str]]):
+    """os.walk, top-down in a fixed order, following folder links (once each: no loops), without hidden
+    names. Folders that cannot be listed are added to `problems`."""
+    seen = set()
 
-    Hidden files and folders are skipped; the order is fixed, so a scan is reproducible.
-    """
-    found = []
-    for folder, subfolders, files in os.walk(root):
+    def unlistable(error: OSError) -> None:
+        problems.append((error.filename or root, f"folder cannot be read: {error.strerror or error}"))
+
+    for folder, subfolders, files in os.walk(root, onerror=unlistable, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # prune hidden, fix the order
-        found.append((folder, sorted(os.path.join(folder, name) for name in files if is_image_file(name))))
-    return found
+        yield folder, subfolders, sorted(name for name in files if not name.startswith("."))
+
+
+def walk_image_folders(root: str) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """(folder, sorted image paths in it) for `root` and every folder below it, parents before children;
+    and (path, reason) for folders that could not be read."""
+    problems: list[tuple[str, str]] = []
+    found = [(folder, [os.path.join(folder, name) for name in files if is_image_file(name)])
+             for folder, _, files in walk_folders(root, problems)]
+    return found, problems
 
 
 def find_images(root: str) -> list[str]:
     """Every image path under `root`, recursively, sorted."""
-    return sorted(path for _, paths in walk_image_folders(root) for path in paths)
+    return sorted(path for _, paths in walk_image_folders(root)[0] for path in paths)
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,7 @@ def read_manifest(path: str) -> tuple[list[ManifestEntry], list[tuple[str, str]]
     several times: each entry is its own training item (as in EveryDream2).
     """
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is fine, as in caption files
             data = json.load(handle)
     except (OSError, UnicodeDecodeError) as error:
         raise DataRootError(f"manifest {path!r} cannot be read: {error}") from None
@@ -89,9 +104,8 @@ def unpack_zips(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     not unpacked.
     """
     notes, problems = [], []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        for name in sorted(f for f in files if f.lower().endswith(".zip") and not f.startswith(".")):
+    for folder, subfolders, files in walk_folders(root, problems):
+        for name in (f for f in files if f.lower().endswith(".zip")):
             archive, target = os.path.join(folder, name), os.path.join(folder, name[:-4])
             if os.path.exists(target):
                 continue
@@ -103,7 +117,9 @@ def unpack_zips(root: str) -> tuple[list[str], list[tuple[str, str]]]:
                     if outside:
                         raise zipfile.BadZipFile(f"it holds paths outside itself ({outside[0]!r})")
                     opened.extractall(partial)
-            except (zipfile.BadZipFile, OSError) as error:
+            # BadZipFile: damaged; RuntimeError: encrypted; NotImplementedError: a compression method Python
+            # lacks (Windows makes Deflate64 zips of large files); OSError: the disk.
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, OSError) as error:
                 shutil.rmtree(partial, ignore_errors=True)
                 problems.append((archive, f"zip not unpacked: {error}"))
                 continue

@@ -62,6 +62,23 @@ def test_a_folder_without_images_fails_before_any_model_loads(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_a_data_set_where_every_multiply_is_0_fails_before_any_model_loads(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (256, 256), "red").save(tmp_path / "images" / "a red square.png")
+    (tmp_path / "images" / "multiply.txt").write_text("0")
+    script = ("import sys, train\n"
+              f"code = train.main(['--resume_ckpt', 'builtin:tiny', '--data_root', {str(tmp_path / 'images')!r},"
+              f" '--logdir', {str(tmp_path / 'logs')!r}])\n"
+              "print('torch imported:', 'torch' in sys.modules)\n"
+              "sys.exit(code)\n")
+    result = run("-c", script)
+    assert result.returncode == 2
+    assert "every one has multiply: 0" in result.stderr
+    assert "torch imported: False" in result.stdout
+
+
 def test_an_unreachable_model_is_a_clear_error_with_exit_code_2(tmp_path):
     (tmp_path / "images").mkdir()
     from PIL import Image

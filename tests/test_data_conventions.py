@@ -553,3 +553,130 @@ def test_every_kind_of_bad_image_is_skipped_with_a_reason_and_the_rest_scan(tmp_
     assert set(reasons) == {"empty.jpg", "text.png", "cut.jpg", "tiny.png"}
     assert "at least 64 px" in reasons["tiny.png"]
     assert all(reason.startswith("cannot be read as an image") for reason in reasons.values())
+
+
+# =================================================================================================
+# Odd input found in review: each once, in a small tree
+# =================================================================================================
+
+def test_a_trailing_slash_on_data_root_keeps_global_yaml_inheritance(tmp_path):
+    write(tmp_path / "global.yaml", "main_prompt: from root global\nflip_p: 0.3\n")
+    image(tmp_path / "sub" / "ted_1.jpg")
+    for root in (str(tmp_path), str(tmp_path) + os.sep, str(tmp_path / "sub" / ".."), ):
+        item = only(scan(root))
+        assert (item.main_prompt, item.flip_p) == ("from root global", 0.3), root
+
+
+@pytest.mark.parametrize("where", ["yaml", "manifest"])
+def test_a_caption_key_naming_a_file_reads_that_file(tmp_path, where):
+    image(tmp_path / "x_1.png")
+    write(tmp_path / "shared.txt", "from the shared file, its tag")
+    if where == "yaml":
+        write(tmp_path / "x_1.yaml", "caption: shared.txt\n")
+        result = scan(tmp_path)
+    else:
+        write(tmp_path / "m.json", json.dumps([{"image": "x_1.png", "caption": "shared.txt"}]))
+        result = scan(str(tmp_path / "m.json"))
+    assert only(result).caption == "from the shared file, its tag"
+
+
+def test_caption_key_is_more_specific_than_the_keys_beside_it():
+    """EveryDream2 merges the parsed `caption` over the object's own keys."""
+    config = parse_mapping({"main_prompt": "own", "caption": "from caption, t", "flip_p": 0.1}, "x.yaml", [])
+    assert config.main_prompts[0] == "from caption" and config.flip_p == 0.1
+
+
+def test_numbers_and_empty_entries_in_yaml_tags_and_prompts_are_text_not_errors(tmp_path):
+    image(tmp_path / "x.png")
+    write(tmp_path / "x.yaml", "main_prompt: 1984\ntags:\n  - 1girl\n  - 2023\n  - tag: 1.5\n    weight: 2\n  -\n")
+    assert only(scan(tmp_path)).caption == "1984, 1.5, 1girl, 2023"
+
+
+def test_tags_given_as_one_string_keep_every_tag():
+    assert [t.text for t in parse_mapping({"tags": "a, b, c"}, "x.yaml", []).tags] == ["a", "b", "c"]
+
+
+def test_a_caption_starting_with_a_comma_has_no_main_prompt_so_the_file_name_gives_it(tmp_path):
+    image(tmp_path / "name prompt_1.png")
+    write(tmp_path / "name prompt_1.txt", ", lead, b")
+    assert only(scan(tmp_path)).caption == "name prompt, lead, b"
+
+
+def test_caption_files_that_refer_to_each_other_skip_the_image_not_the_scan(tmp_path):
+    image(tmp_path / "y_1.png")
+    write(tmp_path / "y_1.txt", "z.txt")
+    write(tmp_path / "z.txt", "y_1.txt")
+    image(tmp_path / "fine.png")
+    result = scan(tmp_path)
+    assert [os.path.basename(i.path) for i in result.items] == ["fine.png"]
+    assert "loop" in result.skipped[0].reason
+
+
+def test_yaml_with_a_number_as_key_is_noted_not_a_crash(tmp_path):
+    image(tmp_path / "x.png")
+    write(tmp_path / "x.yaml", "2023: year\nfoo: bar\nmain_prompt: ok\n")
+    result = scan(tmp_path)
+    assert only(result).caption == "ok" and any("2023" in note for note in result.notes)
+
+
+def test_an_empty_folder_number_file_is_ignored_with_a_note(tmp_path):
+    image(tmp_path / "x.png")
+    write(tmp_path / "multiply.txt", "\n")
+    result = scan(tmp_path)
+    assert only(result).multiply == 1.0 and any("multiply.txt: empty" in note for note in result.notes)
+
+
+def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path):
+    image(tmp_path / "x.png")
+    (tmp_path / "m.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"image": "x.png"}]).encode())
+    assert only(scan(str(tmp_path / "m.json"))).caption == "x"
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="folder links need POSIX here")
+def test_linked_folders_are_scanned_once_and_link_loops_end(tmp_path):
+    image(tmp_path / "outside" / "linked_1.png")
+    data = tmp_path / "data"
+    image(data / "own.png")
+    os.symlink(tmp_path / "outside", data / "link")
+    os.symlink(data, data / "link" / "back to data")  # a loop
+    names = sorted(os.path.basename(i.path) for i in scan(data).items)
+    assert names == ["linked_1.png", "own.png"]
+
+
+@pytest.mark.parametrize("kind", ["encrypted", "unsupported method"])
+def test_zips_python_cannot_unpack_are_reported_not_a_crash(tmp_path, kind, monkeypatch):
+    import zipfile
+
+    data = tmp_path / "data"
+    image(data / "fine.png")
+    with zipfile.ZipFile(data / "pack.zip", "w") as archive:
+        archive.writestr("inside.png", b"x")
+    error = RuntimeError("File is encrypted") if kind == "encrypted" else NotImplementedError("compression")
+
+    def refuse(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", refuse)
+    result = scan(data)
+    assert [os.path.basename(i.path) for i in result.items] == ["fine.png"]
+    assert "zip not unpacked" in result.skipped[0].reason
+    assert sorted(os.listdir(data)) == ["fine.png", "pack.zip"]  # no half-unpacked folder left
+
+
+def test_images_with_multiply_0_never_train_in_rated_epochs_either():
+    items = items_of({"multiply": 0}, {"multiply": 0}, {}, {})
+    options = PlanOptions(seed=1, batch_size=1, max_epochs=3, rated_dataset=True,
+                          rated_dataset_target_dropout_percent=100)
+    for epoch in range(3):
+        assert {index for index, _ in epoch_selection(items, epoch, options)} == {2, 3}
+
+
+def test_report_notes_are_capped():
+    from data.items import ScanResult
+
+    items = items_of({})
+    notes = [f"note {i}" for i in range(30)]
+    options = PlanOptions(seed=1, batch_size=1)
+    text = dataset_report("d", 256, ScanResult(items, [], notes), options, plan_epoch(items, 0, options), [1],
+                          None, None)
+    assert "note 9" in text and "note 10" not in text and "and 20 more notes" in text

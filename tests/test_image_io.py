@@ -443,3 +443,10 @@ def test_exif_orientation_of_a_png_is_read_from_the_header_and_applied_at_load(t
     path = save(waves_rgb(80, 40), tmp_path / "turned.png", exif=exif)
     assert read_image_size(path) == (40, 80)
     assert load_image(path, (40, 80), 0.5, 0.5, False).shape == (80, 40, 3)
+
+
+@pytest.mark.parametrize("size, bucket", [((523, 523), (512, 512)), ((1100, 530), (1024, 512))])
+def test_jitter_never_trims_an_image_into_an_upscale(size, bucket):
+    """With the largest draws the box still holds the bucket: jitter alone never forces an upscale."""
+    left, top, right, bottom = crop_box(*size, bucket, 0.5, 0.5, jitter=(0.99, 0.99, 0.99, 0.99))
+    assert right - left >= bucket[0] and bottom - top >= bucket[1]
