@@ -192,7 +192,7 @@ def load_trainee(config: TrainConfig, accelerator) -> Trainee:
     """Load the model and set which parts train, their attention kernel and checkpointing."""
     import torch
 
-    from utils.models import load_model, training_noise_scheduler
+    from utils.models import load_model, training_noise_scheduler, zero_terminal_snr_inference_scheduler
 
     model = load_model(config.resume_ckpt, config.logdir)
     train_unet, train_te = not config.disable_unet_training, not config.disable_textenc_training
@@ -209,7 +209,10 @@ def load_trainee(config: TrainConfig, accelerator) -> Trainee:
             enable = (getattr(model.text_encoder, "activation_checkpointing_enable", None)
                       or model.text_encoder.gradient_checkpointing_enable)
             enable()
-    alphas = training_noise_scheduler(model, config.train_sampler).alphas_cumprod.to(accelerator.device)
+    noise_scheduler = training_noise_scheduler(model, config.train_sampler, config.enable_zero_terminal_snr)
+    if config.enable_zero_terminal_snr:  # checkpoints must sample with the schedule they were trained on
+        model.scheduler = zero_terminal_snr_inference_scheduler(model)
+    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
     return Trainee(model, model.unet, model.text_encoder, train_unet, train_te, alphas)
 
 
@@ -247,23 +250,33 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
     """The loss of one batch: encode images and captions, add noise, predict it back."""
     import torch
 
-    from utils.diffusion import add_noise, mse_loss, sample_noise, sample_timesteps, step_generator, training_target
+    from utils import diffusion
 
     model, device = trainee.model, accelerator.device
-    generator = step_generator(config.seed, global_step, device)
+    generator = diffusion.step_generator(config.seed, global_step, device)
     with accelerator.autocast():
         with torch.no_grad():
             pixels = batch["pixels"].to(device, non_blocking=True)
             latents = model.vae.encode(pixels).latent_dist.sample(generator).float() * model.vae.config.scaling_factor
-        noise = sample_noise(latents, generator, config.zero_frequency_noise_ratio)
-        timesteps = sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator, device)
-        noisy_latents = add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
+        noise = diffusion.sample_noise(latents, generator, config.zero_frequency_noise_ratio,
+                                       config.pyramid_noise_discount or 0.0)
+        timesteps = diffusion.sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator,
+                                               device)
+        noisy_latents = diffusion.add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
         with torch.set_grad_enabled(trainee.train_text_encoder):
             conditioning = model.family.encode(trainee.text_encoder, batch["input_ids"].to(device), config.clip_skip)
-        prediction = trainee.unet(noisy_latents, timesteps, conditioning.hidden_states,
-                                  **conditioning.unet_kwargs).sample
-    target = training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
-    return mse_loss(prediction, target, batch["loss_scale"])
+        hidden_states = conditioning.hidden_states
+        if config.embedding_perturbation:
+            hidden_states = diffusion.perturb_embeddings(hidden_states, config.embedding_perturbation, generator)
+        prediction = trainee.unet(noisy_latents, timesteps, hidden_states, **conditioning.unet_kwargs).sample
+    target = diffusion.training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
+    per_sample = diffusion.per_sample_loss(prediction, target, config.loss_type,
+                                           timesteps / len(trainee.alphas_cumprod))
+    snr_weights = None
+    if config.min_snr_gamma:
+        snr_weights = diffusion.min_snr_weights(diffusion.snr(trainee.alphas_cumprod, timesteps),
+                                                config.min_snr_gamma, model.prediction_type)
+    return diffusion.weighted_mean(per_sample, batch["loss_scale"], snr_weights)
 
 
 def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int, optimizer, schedule,

@@ -163,3 +163,109 @@ def test_mse_loss_of_half_inputs_is_computed_in_fp32():
     loss = mse_loss(prediction, target)
     assert loss.dtype == torch.float32
     assert loss.item() == 600.0 ** 2  # 360000 overflows fp16 (max 65504)
+
+
+# =================================================================================================
+# Pyramid noise, min-SNR, loss types, embedding perturbation, zero-terminal SNR
+# =================================================================================================
+
+from utils.diffusion import (min_snr_weights, per_sample_loss, perturb_embeddings, pyramid_noise,  # noqa: E402
+                             snr, weighted_mean)
+
+
+def neighbour_correlation(noise):
+    """Correlation of horizontally adjacent values: 0 for white noise, higher for low-frequency noise."""
+    a, b = noise[..., :, :-1].flatten(), noise[..., :, 1:].flatten()
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+
+def test_pyramid_noise_is_off_at_zero_and_unit_variance_low_frequency_noise_when_on():
+    latents = torch.zeros(8, 4, 64, 64)
+    plain = sample_noise(latents, torch.Generator().manual_seed(1))
+    assert torch.equal(sample_noise(latents, torch.Generator().manual_seed(1), 0.0, 0.0), plain)
+    pyramid = sample_noise(latents, torch.Generator().manual_seed(1), 0.0, 0.8)
+    assert torch.allclose(pyramid.std(dim=(1, 2, 3)), torch.ones(8), atol=1e-5)  # scaled back per image
+    assert abs(neighbour_correlation(plain)) < 0.02
+    assert neighbour_correlation(pyramid) > 0.2  # coarse levels make neighbours alike
+    assert neighbour_correlation(sample_noise(latents, torch.Generator().manual_seed(1), 0.0, 0.3)) < \
+        neighbour_correlation(pyramid)  # a smaller discount, less low-frequency energy
+
+
+def test_pyramid_noise_goes_down_to_a_single_pixel(monkeypatch):
+    """Every level's size comes from the full size, so the pyramid reaches 1x1 (EveryDream2 stopped after 2-3)."""
+    sizes = []
+    original = torch.nn.functional.interpolate
+
+    def record(tensor, size, mode):
+        sizes.append(tuple(tensor.shape[-2:]))
+        return original(tensor, size, mode=mode)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", record)
+    pyramid_noise(torch.randn(2, 4, 64, 96), torch.Generator().manual_seed(0), 0.5)
+    assert sizes[-1] == (1, 1) and len(sizes) >= 3
+    assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(sizes, sizes[1:]))
+
+
+def test_snr_matches_diffusers_compute_snr(scheduler):
+    from diffusers.training_utils import compute_snr
+
+    timesteps = torch.tensor([0, 10, 500, 999])
+    assert torch.allclose(snr(scheduler.alphas_cumprod, timesteps), compute_snr(scheduler, timesteps), rtol=1e-5)
+
+
+def test_min_snr_weights_follow_the_paper_for_epsilon_and_v():
+    values = torch.tensor([0.01, 1.0, 5.0, 20.0, 400.0])
+    gamma = 5.0
+    eps = min_snr_weights(values, gamma, "epsilon")
+    v = min_snr_weights(values, gamma, "v_prediction")
+    assert torch.allclose(eps, torch.minimum(values, torch.tensor(gamma)) / values)
+    assert torch.allclose(v, torch.minimum(values, torch.tensor(gamma)) / (values + 1))
+    assert torch.allclose(eps[:3], torch.ones(3))  # low SNR (noisy) timesteps keep full weight for epsilon
+    assert eps[-1] == pytest.approx(gamma / 400) and v[-1] == pytest.approx(gamma / 401)
+
+
+def test_min_snr_weights_at_zero_snr_are_the_limits():
+    zero = torch.tensor([0.0])
+    assert min_snr_weights(zero, 5.0, "epsilon").item() == 1.0
+    assert min_snr_weights(zero, 5.0, "v_prediction").item() == 0.0
+
+
+def test_loss_types_against_closed_forms():
+    prediction = torch.tensor([[0.0, 0.0], [0.0, 0.0]]).reshape(2, 2, 1, 1)
+    target = torch.tensor([[0.5, 3.0], [0.5, 3.0]]).reshape(2, 2, 1, 1)
+    mse = (0.25 + 9.0) / 2
+    huber = (0.5 * 0.25 + (3.0 - 0.5)) / 2  # 0.5 x² below delta 1, |x| - 0.5 above
+    assert per_sample_loss(prediction, target, "mse").tolist() == pytest.approx([mse, mse])
+    assert per_sample_loss(prediction, target, "huber").tolist() == pytest.approx([huber, huber])
+    fraction = torch.tensor([0.0, 1.0])  # timestep 0 and the last one
+    assert per_sample_loss(prediction, target, "mse_huber", fraction).tolist() == pytest.approx([huber, mse])
+    assert per_sample_loss(prediction, target, "huber_mse", fraction).tolist() == pytest.approx([mse, huber])
+    half = per_sample_loss(prediction, target, "mse_huber", torch.tensor([0.5, 0.5]))
+    assert half.tolist() == pytest.approx([(mse + huber) / 2] * 2)
+
+
+def test_weighted_mean_applies_every_weight_per_sample():
+    losses = torch.tensor([1.0, 2.0, 4.0])
+    assert weighted_mean(losses).item() == pytest.approx(7 / 3)
+    assert weighted_mean(losses, torch.tensor([1.0, 0.0, -1.0]), None, torch.tensor([2.0, 1.0, 0.5])).item() == \
+        pytest.approx((2.0 + 0.0 - 2.0) / 3)
+
+
+def test_embedding_perturbation_has_the_documented_scale():
+    hidden = torch.zeros(64, 77, 768)
+    perturbed = perturb_embeddings(hidden, 0.5, torch.Generator().manual_seed(0))
+    assert perturbed.std().item() == pytest.approx(0.5 / 768 ** 0.5, rel=0.02)
+
+
+def test_zero_terminal_snr_rescales_the_training_schedule_and_the_saved_sampler():
+    from utils.models import SDModel, training_noise_scheduler, zero_terminal_snr_inference_scheduler
+    from utils.model_family import SD1
+    from utils.tiny_model import tiny_scheduler
+
+    model = SDModel(None, None, None, None, tiny_scheduler(), SD1, "test")
+    plain = training_noise_scheduler(model, "ddpm").alphas_cumprod
+    rescaled = training_noise_scheduler(model, "pndm", zero_terminal_snr=True).alphas_cumprod
+    assert plain[-1] > 1e-3 and rescaled[-1] < 1e-6  # the last timestep is (nearly exactly) pure noise
+    assert rescaled[0] == pytest.approx(plain[0].item(), rel=1e-3)  # the first stays where it was
+    sampler = zero_terminal_snr_inference_scheduler(model)
+    assert sampler.config.rescale_betas_zero_snr and sampler.config.timestep_spacing == "trailing"

@@ -61,6 +61,11 @@ def final_checkpoint(run_dir: Path) -> Path:
     return folder
 
 
+def final_checkpoint_named(run_dir: Path, prefix: str) -> Path:
+    (folder,) = [p for p in (run_dir / "ckpts").iterdir() if p.name.startswith(prefix)]
+    return folder
+
+
 def test_run_folder_has_events_log_and_resolved_config(runs):
     run_dir = runs[0]["run_dir"]
     assert re.fullmatch(r"demo-\d{8}-\d{6}", run_dir.name)
@@ -179,11 +184,20 @@ def test_findlast_continues_from_the_newest_checkpoint(runs, tmp_path):
 
 def test_training_options_run_together(tmp_path):
     """Code paths the demo does not take: checkpointing, clip_skip, sliced attention, clipping, a cosine
-    schedule with warmup, flips, 8-bit AdamW, a random seed, fp32 single files, a periodic save every epoch."""
+    schedule with warmup, flips, 8-bit AdamW, a random seed, fp32 single files, a periodic save every epoch,
+    and every noise and loss option."""
     run = demo_run(tmp_path, "--max_epochs", "2", "--save_every_n_epochs", "1", "--gradient_checkpointing",
                    "--clip_skip", "2", "--attn_type", "slice", "--clip_grad_norm", "1", "--lr_scheduler", "cosine",
                    "--lr_warmup_steps", "2", "--flip_p", "0.5", "--optimizer", "adamw8bit",
-                   "--seed", "-1", "--save_full_precision", "--log_step", "1")
+                   "--seed", "-1", "--save_full_precision", "--log_step", "1", "--pyramid_noise_discount", "0.1",
+                   "--min_snr_gamma", "5", "--loss_type", "mse_huber", "--embedding_perturbation", "0.1",
+                   "--enable_zero_terminal_snr")
+    assert "no effect yet" not in run["output"]
+    losses = [value for _, value in scalars(run["run_dir"], "loss/log_step")]
+    assert all(math.isfinite(value) for value in losses)
+    scheduler = json.loads((final_checkpoint_named(run["run_dir"], "last-") / "scheduler" /
+                            "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["rescale_betas_zero_snr"]
     assert "seed = " in run["output"] and "(random, from seed: -1)" in run["output"]
     lrs = [value for _, value in scalars(run["run_dir"], "hyperparameter/lr unet")]
     assert lrs[0] < lrs[1] and lrs[1] > lrs[-1]  # warmup, then cosine decay

@@ -173,20 +173,22 @@ class TrainConfig:
     timestep_end: int = option(
         1000, "Highest training timestep (exclusive).", group="Noise and loss", minimum=1, maximum=1000)
     pyramid_noise_discount: float | None = option(
-        None, "Multi-resolution (pyramid) noise discount; null = off.", group="Noise and loss",
-        minimum=0.0, maximum=1.0, planned="pyramid noise")
+        None, "Pyramid (multi-resolution) noise: coarser noise levels added with weights d, d², ...; about "
+        "0.03 is a mild setting; null or 0 = off.", group="Noise and loss", minimum=0.0, maximum=1.0)
     enable_zero_terminal_snr: bool = option(
-        False, "Rescale the betas so the last timestep is pure noise (arXiv 2305.08891).",
-        group="Noise and loss", planned="zero-terminal SNR")
+        False, "Rescale the noise schedule so the last timestep is pure noise (arXiv 2305.08891); saved "
+        "checkpoints then sample with a matching DDIM scheduler. Best with v-prediction models.",
+        group="Noise and loss")
     min_snr_gamma: float | None = option(
-        None, "Min-SNR loss weighting gamma (arXiv 2303.09556), e.g. 5; null = off.", group="Noise and loss",
-        above=0.0, planned="min-SNR weighting")
+        None, "Min-SNR loss weighting (arXiv 2303.09556): down-weights the easy, low-noise timesteps; 5 is "
+        "the paper's value; null = off.", group="Noise and loss", above=0.0)
     loss_type: str = option(
-        "mse", "Loss: `mse`, `huber`, or `mse_huber` (blended over timesteps).", group="Noise and loss",
-        choices=("mse", "huber", "mse_huber"), planned="huber losses")
+        "mse", "`mse`; `huber` (robust to outliers); `mse_huber`: Huber at timestep 0 blending to MSE at "
+        "the last; `huber_mse`: the reverse.", group="Noise and loss",
+        choices=("mse", "huber", "mse_huber", "huber_mse"))
     embedding_perturbation: float = option(
-        0.0, "Gaussian noise added to the text embedding (arXiv 2405.20494); 0 = off.",
-        group="Noise and loss", minimum=0.0, planned="embedding perturbation")
+        0.0, "Gaussian noise of this strength added to the text embedding in training (arXiv 2405.20494); "
+        "0 = off.", group="Noise and loss", minimum=0.0)
 
     # --- EMA ---------------------------------------------------------------------------------------
     ema_decay_rate: float | None = option(

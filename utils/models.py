@@ -137,11 +137,27 @@ def _download(repo_id: str) -> str:
         raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {str(error).splitlines()[0]}") from None
 
 
-def training_noise_scheduler(model: SDModel, train_sampler: str):
-    """The scheduler that adds noise in training: the chosen class over the model's own betas."""
+def training_noise_scheduler(model: SDModel, train_sampler: str, zero_terminal_snr: bool = False):
+    """The scheduler that adds noise in training: the chosen class over the model's own betas.
+
+    With zero_terminal_snr the betas are rescaled so that the last timestep is pure noise (Lin et al. 2023,
+    arXiv 2305.08891), by diffusers' own rescaling; PNDM has no such option, and all three share the
+    forward process, so DDPM stands in for it.
+    """
     import diffusers
 
+    if zero_terminal_snr:
+        return diffusers.DDPMScheduler.from_config(model.scheduler.config, rescale_betas_zero_snr=True)
     return getattr(diffusers, TRAIN_SAMPLERS[train_sampler]).from_config(model.scheduler.config)
+
+
+def zero_terminal_snr_inference_scheduler(model: SDModel):
+    """The scheduler to save with a model trained with zero-terminal SNR: DDIM over the rescaled betas, with
+    timesteps that start at the last one ("trailing"), as the paper prescribes for sampling."""
+    import diffusers
+
+    return diffusers.DDIMScheduler.from_config(model.scheduler.config, rescale_betas_zero_snr=True,
+                                               timestep_spacing="trailing")
 
 
 def load_tokenizer(resume_ckpt: str):
