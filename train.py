@@ -72,7 +72,7 @@ def plan_run(argv: list[str]) -> RunPlan:
     from data.items import ScanResult, scan_dataset
     from data.plan import batches_per_epoch
     from data.scan import DataRootError
-    from optimizer.optimizer_config import load_optimizer_settings, schedule_steps
+    from optimizer.optimizer_config import OPTIMIZERS, load_optimizer_settings, schedule_steps
     from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
 
     loaded = load_config(argv)
@@ -96,7 +96,8 @@ def plan_run(argv: list[str]) -> RunPlan:
         except NoCheckpointFound as error:
             problems.append(ConfigProblem("resume_ckpt", loaded.origins["resume_ckpt"], str(error)))
     optimizer_settings = load_optimizer_settings(config, loaded.origins)
-    for needed, package, key in ((optimizer_settings.unet.optimizer == "adamw8bit", "bitsandbytes", "optimizer"),
+    optimizer_package = OPTIMIZERS[optimizer_settings.unet.optimizer].package
+    for needed, package, key in ((optimizer_package is not None, optimizer_package, "optimizer"),
                                  (config.attn_type == "xformers", "xformers", "attn_type")):
         if needed and importlib.util.find_spec(package) is None:
             problems.append(ConfigProblem(key, loaded.origins[key], f"needs the {package} package, which is not "
@@ -147,7 +148,14 @@ def make_accelerator(plan: RunPlan):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fast fp32 matmuls, ample precision for training
         torch.backends.cudnn.allow_tf32 = True
-    accelerator = Accelerator(mixed_precision=precision)
+    handlers = []
+    if precision == "fp16" and plan.optimizer_settings.grad_scaler_step_tweaks:
+        from accelerate.utils import GradScalerKwargs
+
+        from optimizer.optimizer_config import GRAD_SCALER_START
+
+        handlers.append(GradScalerKwargs(**GRAD_SCALER_START))
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
     why = "disable_amp" if config.disable_amp else ("mixed_precision" if cuda else "CPU trains in fp32")
     plan.derived.append(f"mixed precision = {precision} ({why}) on {accelerator.device}")
     return accelerator
@@ -188,12 +196,14 @@ class Trainee:
         return {name: module for name, (module, trained) in parts.items() if trained}
 
 
-def load_trainee(config: TrainConfig, accelerator) -> Trainee:
+def load_trainee(plan: RunPlan, accelerator) -> Trainee:
     """Load the model and set which parts train, their attention kernel and checkpointing."""
     import torch
 
+    from optimizer.optimizers import freeze_text_encoder_parts
     from utils.models import load_model, training_noise_scheduler, zero_terminal_snr_inference_scheduler
 
+    config = plan.config
     model = load_model(config.resume_ckpt, config.logdir)
     train_unet, train_te = not config.disable_unet_training, not config.disable_textenc_training
     for module, trained in ((model.unet, train_unet), (model.text_encoder, train_te), (model.vae, False)):
@@ -202,6 +212,10 @@ def load_trainee(config: TrainConfig, accelerator) -> Trainee:
         # All weights stay fp32, frozen ones too: mixed precision computes under autocast, and what is saved
         # is exactly what was loaded or trained, never a copy rounded to fp16.
         module.to(accelerator.device, dtype=torch.float32)
+    if train_te:
+        frozen = freeze_text_encoder_parts(model.text_encoder, plan.optimizer_settings.freezing)
+        if frozen:
+            plan.derived.append(f"text encoder frozen parts: {frozen} (text_encoder_freezing)")
     set_attention(model.unet, config.attn_type)
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -232,7 +246,8 @@ def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     from optimizer.optimizers import build_lr_schedule, build_optimizer
 
     parts = trainee.trained_parts()
-    optimizer = build_optimizer(plan.optimizer_settings, {name: list(m.parameters()) for name, m in parts.items()})
+    optimizer = build_optimizer(plan.optimizer_settings, {name: [p for p in m.parameters() if p.requires_grad]
+                                                          for name, m in parts.items()})
     schedule = build_lr_schedule(optimizer, plan.config.lr_scheduler, plan.schedule)
     # The schedule is stepped by hand once per optimizer step; accelerate would count processes too.
     if "unet" in parts:
@@ -280,13 +295,15 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
 
 
 def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int, optimizer, schedule,
-                config: TrainConfig, state, accelerator):
-    """Accumulate one batch's gradients (its loss, or None if none of its images could be read); step the
-    optimizer when the batch ends its grad_accum group.
+                plan: RunPlan, state, accelerator):
+    """Accumulate one batch's gradients; step the optimizer when the batch ends its grad_accum group.
 
-    Groups are counted within the epoch, and the epoch's last group may be shorter: each batch's loss is
-    divided by its group's real size, so a group's update is the average over its batches.
+    Returns the batch's loss (None if none of its images could be read) and, when the optimizer stepped and
+    they were measured, the gradient norms per part. Groups are counted within the epoch, and the epoch's
+    last group may be shorter: each batch's loss is divided by its group's real size, so a group's update
+    is the average over its batches.
     """
+    config = plan.config
     group_start = index - index % config.grad_accum
     group_size = min(config.grad_accum, batches_in_epoch - group_start)
     steps_now = index == group_start + group_size - 1
@@ -295,23 +312,41 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
         with gradient_sync(accelerator, trainee, enabled=steps_now):
             loss = train_step(trainee, batch, config, state.global_step, accelerator)
             accelerator.backward(loss / group_size)
-    if steps_now:
-        step_optimizer(trainee, optimizer, schedule, config, state, accelerator)
-    return None if loss is None else loss.detach()
+    norms = step_optimizer(trainee, optimizer, schedule, plan, state, accelerator) if steps_now else {}
+    return (None if loss is None else loss.detach()), norms
 
 
-def step_optimizer(trainee: Trainee, optimizer, schedule, config: TrainConfig, state, accelerator) -> None:
-    """Clip, step and clear the accumulated gradients; advance the schedule when the step was taken."""
-    parameters = [p for module in trainee.trained_parts().values() for p in module.parameters()]
-    if not any(p.grad is not None for p in parameters):  # every image of the group was unreadable
-        return
-    if config.clip_grad_norm:
-        accelerator.clip_grad_norm_(parameters, config.clip_grad_norm)
+def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, accelerator) -> dict:
+    """Clip, step and clear the accumulated gradients; advance the schedule when the step was taken.
+
+    clip_grad_norm clips the UNet and the text encoder each on its own (EveryDream2's text-encoder clip
+    read an exhausted iterator and never clipped). Their norms, before clipping, are returned when
+    clipping or log_grad_norm measured them.
+    """
+    import torch
+
+    from optimizer.optimizer_config import grad_scaler_tweak
+
+    config, settings = plan.config, plan.optimizer_settings
+    parts = {name: [p for p in module.parameters() if p.grad is not None]
+             for name, module in trainee.trained_parts().items()}
+    if not any(parts.values()):  # every image of the group was unreadable
+        return {}
+    norms = {}
+    if config.clip_grad_norm or settings.log_grad_norm:
+        accelerator.unscale_gradients()  # fp16: measure and clip the true gradients (once per step)
+        limit = config.clip_grad_norm or math.inf
+        norms = {name: torch.nn.utils.clip_grad_norm_(params, limit) for name, params in parts.items() if params}
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
         schedule.step()
         state.optimizer_step += 1
+    tweak = grad_scaler_tweak(state.optimizer_step) if settings.grad_scaler_step_tweaks else None
+    if tweak and accelerator.scaler is not None:
+        accelerator.scaler.set_growth_factor(tweak[0])
+        accelerator.scaler.set_growth_interval(tweak[1])
     optimizer.zero_grad(set_to_none=True)
+    return norms if settings.log_grad_norm else {}
 
 
 def gradient_sync(accelerator, trainee: Trainee, enabled: bool):
@@ -482,7 +517,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
 
     config = plan.config
     try:
-        trainee = load_trainee(config, accelerator)
+        trainee = load_trainee(plan, accelerator)
     except (ModelLoadError, RuntimeError) as error:
         log.error("%s", error)
         return 2
@@ -505,8 +540,9 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
         meter.start_epoch()
         for index, batch in enumerate(loader):
             skipped.add(batch["failed"])
-            loss = train_batch(trainee, batch, index, len(epoch_batches), optimizer, schedule, config, state,
-                               accelerator)
+            loss, grad_norms = train_batch(trainee, batch, index, len(epoch_batches), optimizer, schedule, plan,
+                                           state, accelerator)
+            meter.grad_norms.update(grad_norms)
             state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
             state.elapsed_seconds += meter.add(loss)
             progress.update(1)
@@ -535,6 +571,9 @@ def make_progress(total_steps: int, is_main_process: bool):
     return tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=None if is_main_process else True)
 
 
+GRAD_NORM_TAGS = {"unet": "optimizer/unet_grad_norm", "text encoder": "optimizer/te_grad_norm"}  # EveryDream2's
+
+
 class LossMeter:
     """Losses and timings for the log-step and epoch scalars.
 
@@ -545,6 +584,7 @@ class LossMeter:
         self.batch_size = batch_size
         self.since_log: list = []
         self.epoch: list = []
+        self.grad_norms: dict = {}  # part -> norm at the latest optimizer step (log_grad_norm)
         self.last_tick = self.log_started = self.epoch_started = time.monotonic()
 
     def start_epoch(self) -> None:
@@ -572,6 +612,7 @@ class LossMeter:
                   "performance/images per second": len(self.since_log) * self.batch_size / max(now - self.log_started,
                                                                                                 1e-9)}
         values.update({f"hyperparameter/lr {group['name']}": group["lr"] for group in optimizer.param_groups})
+        values.update({GRAD_NORM_TAGS[name]: norm.item() for name, norm in self.grad_norms.items()})
         self.last_log_loss = values["loss/log_step"]
         self.since_log, self.log_started = [], now
         return values

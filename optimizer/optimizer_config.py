@@ -8,39 +8,102 @@ built-in default.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from utils.config import ConfigError, ConfigProblem, TrainConfig
+from utils.config import OPTIMIZER_NAMES, ConfigError, ConfigProblem, TrainConfig
 
-OPTIMIZERS = ("adamw", "adamw8bit")
 LR_DECAY_FACTOR = 1.5  # default decay: 1.5 x the run's optimizer steps, so the lr never reaches zero
 LR_WARMUP_FRACTION = 0.02  # default warmup: 2% of the decay steps
 LR_SCALE_EXPONENT = 0.55  # scale_lr: lr x (batch_size x grad_accum)^0.55, as EveryDream2 documents
 
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """What an optimizer needs: the package that provides it and the optimizer.json keys it takes."""
+
+    package: str | None  # module to import (None: torch itself)
+    keys: tuple[str, ...]  # besides lr and weight_decay
+    default_betas: tuple[float, float] = (0.9, 0.999)
+
+
+ADAM_KEYS = ("betas", "epsilon")
+OPTIMIZERS = {
+    "adamw": OptimizerKind(None, ADAM_KEYS),
+    "adamw8bit": OptimizerKind("bitsandbytes", ADAM_KEYS),
+    "lion": OptimizerKind("bitsandbytes", ("betas",), (0.9, 0.99)),  # Lion's paper: beta2 0.99
+    "lion8bit": OptimizerKind("bitsandbytes", ("betas",), (0.9, 0.99)),
+    "prodigy": OptimizerKind("prodigyopt", ("betas", "epsilon", "d0", "decouple", "safeguard_warmup", "growth_rate")),
+    "dadapt_adam": OptimizerKind("dadaptation", ("betas", "epsilon", "d0", "decouple", "growth_rate")),
+    "dadapt_lion": OptimizerKind("dadaptation", ("betas", "d0"), (0.9, 0.99)),
+    "dadapt_sgd": OptimizerKind("dadaptation", ("momentum", "d0", "growth_rate")),
+    "dadapt_adan": OptimizerKind("dadaptation", ("epsilon", "d0", "growth_rate", "no_prox")),  # Adan: 3 betas
+}
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES  # the config's choices
+
 TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezing", "text_encoder_lr_scale",
                   "apply_grad_scaler_step_tweaks", "log_grad_norm")
-SECTION_KEYS = ("optimizer", "lr", "lr_scheduler", "lr_warmup_steps", "lr_decay_steps", "betas", "epsilon",
-                "weight_decay", "d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
+SCHEDULE_KEYS = ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps")  # per section: not applied (one schedule)
+EXTRA_KEYS = ("d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
+APPLIED_SECTION_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay") + EXTRA_KEYS
+SECTION_KEYS = ("optimizer", "lr") + SCHEDULE_KEYS + ("betas", "epsilon", "weight_decay") + EXTRA_KEYS
 FREEZING_KEYS = ("unfreeze_last_n_layers", "freeze_embeddings", "freeze_final_layer_norm", "freeze_front_n_layers")
-APPLIED_SECTION_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay")  # the others: not yet
 
 
 @dataclass(frozen=True)
 class GroupSettings:
-    """The optimizer settings of one parameter group (the UNet's or the text encoder's)."""
+    """The optimizer settings of one parameter group (the UNet's or the text encoder's).
+
+    The extra keys are None unless set: the optimizer's own default then applies.
+    """
 
     optimizer: str
     lr: float
     betas: tuple[float, float]
     epsilon: float
     weight_decay: float
+    d0: float | None = None  # D-Adaptation / Prodigy: the initial step-size estimate
+    decouple: bool | None = None  # AdamW-style decoupled weight decay
+    momentum: float | None = None  # SGD
+    growth_rate: float | None = None  # D-Adaptation / Prodigy: how fast the estimate may grow per step
+    safeguard_warmup: bool | None = None  # Prodigy
+    no_prox: bool | None = None  # Adan
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The settings this group's optimizer takes, under its keyword names."""
+        kind = OPTIMIZERS[self.optimizer]
+        values = {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas, "eps": self.epsilon}
+        values.update({key: getattr(self, key) for key in EXTRA_KEYS})
+        wanted = ("lr", "weight_decay") + tuple("eps" if key == "epsilon" else key for key in kind.keys)
+        return {key: values[key] for key in wanted if values[key] is not None}
 
 
 DEFAULTS = GroupSettings(optimizer="adamw", lr=1e-6, betas=(0.9, 0.999), epsilon=1e-8, weight_decay=0.01)
+
+
+@dataclass(frozen=True)
+class TextEncoderFreezing:
+    """Which parts of a trained text encoder stay frozen (optimizer.json's text_encoder_freezing)."""
+
+    unfreeze_last_n_layers: int | None = None  # None: every layer trains
+    freeze_embeddings: bool | None = None  # None: frozen when some layers are (EveryDream2's rule)
+    freeze_final_layer_norm: bool = False
+    freeze_first_n_layers: int | None = None  # from EveryDream2's deprecated freeze_front_n_layers
+
+    def frozen_layers(self, layer_count: int) -> int:
+        """How many of the first encoder layers are frozen."""
+        if self.unfreeze_last_n_layers is not None:
+            return max(0, layer_count - self.unfreeze_last_n_layers)
+        return min(layer_count, self.freeze_first_n_layers or 0)
+
+    def embeddings_frozen(self, layer_count: int) -> bool:
+        if self.freeze_embeddings is not None:
+            return self.freeze_embeddings
+        return self.frozen_layers(layer_count) > 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +112,9 @@ class OptimizerSettings:
     text_encoder: GroupSettings
     origins: tuple[str, ...]  # one line per group: "unet: optimizer adamw, lr 2e-06 (lr in train.json), ..."
     notes: tuple[str, ...]  # keys read but without effect in this version
+    freezing: TextEncoderFreezing = TextEncoderFreezing()
+    log_grad_norm: bool = False  # log optimizer/unet_grad_norm and optimizer/te_grad_norm
+    grad_scaler_step_tweaks: bool = True  # EveryDream2's fp16 grad-scaler schedule (CUDA only)
 
 
 def read_optimizer_file(path: str) -> dict[str, Any]:
@@ -88,11 +154,17 @@ def _check_section(name: str, section: Any, source: str, problems: list[ConfigPr
         elif value is None:
             continue  # null means "not set here"
         elif key == "optimizer" and value not in OPTIMIZERS:
-            problems.append(ConfigProblem(where, source, f"{value!r} is not one of: {', '.join(OPTIMIZERS)}."))
-        elif key in ("lr", "epsilon") and (not _is_number(value) or value <= 0):
+            near = difflib.get_close_matches(str(value), list(OPTIMIZERS), n=1)
+            problems.append(ConfigProblem(where, source, f"{value!r} is not one of: {', '.join(OPTIMIZERS)}."
+                                          + (f" Did you mean {near[0]!r}?" if near else "")))
+        elif key in ("lr", "epsilon", "d0", "growth_rate") and (not _is_number(value) or value <= 0):
             problems.append(ConfigProblem(where, source, f"expected a number above 0, got {json.dumps(value)}."))
         elif key == "weight_decay" and (not _is_number(value) or value < 0):
             problems.append(ConfigProblem(where, source, f"expected a number >= 0, got {json.dumps(value)}."))
+        elif key in ("decouple", "safeguard_warmup", "no_prox") and not isinstance(value, bool):
+            problems.append(ConfigProblem(where, source, f"expected true or false, got {json.dumps(value)}."))
+        elif key == "momentum" and not (_is_number(value) and 0 <= value < 1):
+            problems.append(ConfigProblem(where, source, f"expected a number in [0, 1), got {json.dumps(value)}."))
         elif key == "betas" and not (isinstance(value, list) and len(value) == 2
                                      and all(_is_number(b) and 0 <= b < 1 for b in value)):
             problems.append(ConfigProblem(where, source, f"expected two numbers in [0, 1), got {json.dumps(value)}."))
@@ -115,56 +187,93 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
             problems.append(ConfigProblem(key, source, _unknown(key, TOP_LEVEL_KEYS)))
     base = _check_section("base", data.get("base"), source, problems)
     overrides = _check_section("text_encoder_overrides", data.get("text_encoder_overrides"), source, problems)
-    freezing = data.get("text_encoder_freezing") or {}
-    if not isinstance(freezing, dict):
-        problems.append(ConfigProblem("text_encoder_freezing", source, "must be a JSON object."))
-        freezing = {}
-    for key in freezing:
-        if key not in FREEZING_KEYS:
-            problems.append(ConfigProblem(f"text_encoder_freezing.{key}", source, _unknown(key, FREEZING_KEYS)))
+    freezing = _freezing(data.get("text_encoder_freezing"), source, problems)
+    flags = {key: data.get(key) for key in ("log_grad_norm", "apply_grad_scaler_step_tweaks")}
+    for key, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            problems.append(ConfigProblem(key, source, f"expected true or false, got {json.dumps(value)}."))
 
     cli = {"optimizer": config.optimizer, "lr": config.lr}  # training-config keys that override base
 
-    def pick(group: str, key: str) -> tuple[Any, str]:
+    def pick(group: str, key: str, optimizer: str | None = None) -> tuple[Any, str]:
         """The value for one key of one group, and where it came from."""
         candidates = ([(overrides.get(key), f"text_encoder_overrides.{key} in {source}")] if group == "text encoder"
                       else [])
+        default = OPTIMIZERS[optimizer].default_betas if key == "betas" and optimizer else getattr(DEFAULTS, key)
         candidates += [(cli.get(key), f"{key} in {config_origins.get(key, 'the config')}"),
                        (base.get(key), f"base.{key} in {source}"),
-                       (getattr(DEFAULTS, key), "default")]
-        return next((v, o) for v, o in candidates if v is not None)
+                       (default, "default")]
+        return next(((v, o) for v, o in candidates if v is not None), (None, "default"))
 
     groups, origins = {}, []
     for group in ("unet", "text encoder"):
-        picked = {key: pick(group, key) for key in APPLIED_SECTION_KEYS}
+        optimizer = pick(group, "optimizer")
+        picked = {"optimizer": optimizer}
+        picked.update({key: pick(group, key, optimizer[0]) for key in APPLIED_SECTION_KEYS[1:]})
         groups[group] = GroupSettings(**{key: value for key, (value, _) in picked.items()})
+        used = ("optimizer", "lr", "weight_decay") + OPTIMIZERS[optimizer[0]].keys
         origins.append(f"{group}: " + ", ".join(f"{key} {value}" + ("" if origin == "default" else f" ({origin})")
-                                                 for key, (value, origin) in picked.items()))
+                                                 for key, (value, origin) in picked.items()
+                                                 if key in used and value is not None))
     if groups["unet"].optimizer != groups["text encoder"].optimizer:
         problems.append(ConfigProblem("text_encoder_overrides.optimizer", source,
-                                      "a different optimizer for the text encoder is not supported yet: "
-                                      "set it to null or to the UNet's optimizer."))
+                                      "a different optimizer for the text encoder is not supported: set it to null "
+                                      "or to the UNet's optimizer (the two parts are groups of one optimizer, each "
+                                      "with its own lr, betas, epsilon and weight decay)."))
     if problems:  # every problem of the file at once; invalid values were left out of the groups above
         raise ConfigError(problems)
     if config.scale_lr:
         factor = (config.batch_size * config.grad_accum) ** LR_SCALE_EXPONENT
         for group in groups:
-            groups[group] = _scaled(groups[group], factor)
+            groups[group] = dataclasses.replace(groups[group], lr=groups[group].lr * factor)
         origins.append(f"scale_lr: both lrs x {factor:.3f} = (batch_size {config.batch_size} x grad_accum "
                        f"{config.grad_accum})^{LR_SCALE_EXPONENT}")
-    notes = tuple(f"{source}: {name}.{key} has no effect yet in this version." for name, section in
-                  (("base", base), ("text_encoder_overrides", overrides)) for key in section
-                  if key not in APPLIED_SECTION_KEYS)
-    notes += tuple(f"{source}: text_encoder_freezing.{key} has no effect yet in this version."
-                   for key, value in freezing.items() if value not in (None, False))
-    notes += tuple(f"{source}: {key} has no effect yet in this version." for key in
-                   ("text_encoder_lr_scale", "log_grad_norm") if data.get(key) is not None)
-    return OptimizerSettings(groups["unet"], groups["text encoder"], tuple(origins), notes)
+    notes = tuple(f"{source}: {name}.{key} has no effect: one lr schedule serves both parts; set it with the "
+                  f"training config's {key}." for name, section in
+                  (("base", base), ("text_encoder_overrides", overrides)) for key in section if key in SCHEDULE_KEYS)
+    notes += tuple(f"{source}: {name}.{key} has no effect with {groups[group].optimizer}." for name, section, group in
+                   (("base", base, "unet"), ("text_encoder_overrides", overrides, "text encoder")) for key in section
+                   if key in EXTRA_KEYS + ADAM_KEYS and key not in OPTIMIZERS[groups[group].optimizer].keys)
+    if data.get("text_encoder_lr_scale") is not None:
+        notes += (f"{source}: text_encoder_lr_scale has no effect (it never had in EveryDream2): set "
+                  "text_encoder_overrides.lr.",)
+    return OptimizerSettings(groups["unet"], groups["text encoder"], tuple(origins), notes, freezing,
+                             bool(flags["log_grad_norm"]), flags["apply_grad_scaler_step_tweaks"] is not False)
 
 
-def _scaled(settings: GroupSettings, factor: float) -> GroupSettings:
-    return GroupSettings(settings.optimizer, settings.lr * factor, settings.betas, settings.epsilon,
-                         settings.weight_decay)
+def _freezing(section: Any, source: str, problems: list[ConfigProblem]) -> TextEncoderFreezing:
+    """text_encoder_freezing checked; the deprecated freeze_front_n_layers mapped as EveryDream2 reads it."""
+    if section is None:
+        return TextEncoderFreezing()
+    if not isinstance(section, dict):
+        problems.append(ConfigProblem("text_encoder_freezing", source, "must be a JSON object."))
+        return TextEncoderFreezing()
+    values = {}
+    for key, value in section.items():
+        where = f"text_encoder_freezing.{key}"
+        if key not in FREEZING_KEYS:
+            problems.append(ConfigProblem(where, source, _unknown(key, FREEZING_KEYS)))
+        elif value is None:
+            continue
+        elif key in ("freeze_embeddings", "freeze_final_layer_norm") and not isinstance(value, bool):
+            problems.append(ConfigProblem(where, source, f"expected true or false, got {json.dumps(value)}."))
+        elif key == "unfreeze_last_n_layers" and not (isinstance(value, int) and not isinstance(value, bool)
+                                                      and value > 0):
+            problems.append(ConfigProblem(where, source, f"expected a whole number above 0, got {json.dumps(value)} "
+                                          "(to freeze the whole text encoder, set disable_textenc_training)."))
+        elif key == "freeze_front_n_layers" and not (isinstance(value, int) and not isinstance(value, bool)):
+            problems.append(ConfigProblem(where, source, f"expected a whole number, got {json.dumps(value)}."))
+        else:
+            values[key] = value
+    front = values.pop("freeze_front_n_layers", None)
+    if front is not None and "unfreeze_last_n_layers" in values:
+        problems.append(ConfigProblem("text_encoder_freezing.freeze_front_n_layers", source,
+                                      "and unfreeze_last_n_layers are both set: keep unfreeze_last_n_layers."))
+    elif front is not None and front < 0:  # EveryDream2: a negative count keeps the last -N layers trainable
+        values["unfreeze_last_n_layers"] = -front
+    elif front:
+        values["freeze_first_n_layers"] = front
+    return TextEncoderFreezing(**values)
 
 
 def load_optimizer_settings(config: TrainConfig, config_origins: dict[str, str] | None = None) -> OptimizerSettings:
@@ -199,3 +308,14 @@ def schedule_steps(total_optimizer_steps: int, lr_scheduler: str, lr_warmup_step
         warmup_origin = f"{LR_WARMUP_FRACTION:.0%} of lr_decay_steps"
     origin = f"lr_decay_steps = {decay:,} ({decay_origin}), lr_warmup_steps = {warmup:,} ({warmup_origin})"
     return ScheduleSteps(warmup, decay, origin)
+
+
+# EveryDream2's fp16 grad-scaler schedule (apply_grad_scaler_step_tweaks): start at 2^17.5 growing x2 every 25
+# steps, then grow more gently and less often as training settles. Keys are optimizer steps.
+GRAD_SCALER_START = dict(init_scale=2**17.5, growth_factor=2.0, backoff_factor=0.5, growth_interval=25)
+GRAD_SCALER_TWEAKS = {500: (1.8, 100), 1000: (1.6, 200), 2000: (1.3, 500), 4000: (1.15, 2000)}
+
+
+def grad_scaler_tweak(optimizer_step: int) -> tuple[float, int] | None:
+    """(growth factor, growth interval) to switch the grad scaler to at this optimizer step, if any."""
+    return GRAD_SCALER_TWEAKS.get(optimizer_step)

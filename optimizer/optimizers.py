@@ -1,30 +1,67 @@
-"""Building the optimizer and its learning-rate schedule from resolved settings."""
+"""Building the optimizer, its learning-rate schedule and the text encoder's frozen parts from resolved settings."""
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from diffusers.optimization import get_scheduler
 
-from optimizer.optimizer_config import GroupSettings, OptimizerSettings, ScheduleSteps
+from optimizer.optimizer_config import GroupSettings, OptimizerSettings, ScheduleSteps, TextEncoderFreezing
+
+# name -> (module, class). The package was checked when the plan was made (optimizer_config.OPTIMIZERS).
+OPTIMIZER_CLASSES = {
+    "adamw": ("torch.optim", "AdamW"),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit"),
+    "lion": ("bitsandbytes.optim", "Lion"),
+    "lion8bit": ("bitsandbytes.optim", "Lion8bit"),
+    "prodigy": ("prodigyopt", "Prodigy"),
+    "dadapt_adam": ("dadaptation", "DAdaptAdam"),
+    "dadapt_lion": ("dadaptation", "DAdaptLion"),
+    "dadapt_sgd": ("dadaptation", "DAdaptSGD"),
+    "dadapt_adan": ("dadaptation", "DAdaptAdan"),
+}
 
 
 def build_optimizer(settings: OptimizerSettings, parameters: dict[str, list]) -> torch.optim.Optimizer:
-    """One optimizer with a named parameter group per trained part ("unet", "text encoder")."""
+    """One optimizer with a named parameter group per trained part ("unet", "text encoder"), each group with
+    its own lr, betas, epsilon and weight decay."""
     by_part = {"unet": settings.unet, "text encoder": settings.text_encoder}
     groups = [_group(name, params, by_part[name]) for name, params in parameters.items()]
-    if settings.unet.optimizer == "adamw8bit":
-        import bitsandbytes  # present: plan_run checked before anything loaded
-
-        return bitsandbytes.optim.AdamW8bit(groups)
-    return torch.optim.AdamW(groups)
+    module, name = OPTIMIZER_CLASSES[settings.unet.optimizer]
+    return getattr(importlib.import_module(module), name)(groups)
 
 
 def _group(name: str, params: list, settings: GroupSettings) -> dict:
-    return dict(params=params, name=name, lr=settings.lr, betas=settings.betas, eps=settings.epsilon,
-                weight_decay=settings.weight_decay)
+    return dict(params=params, name=name, **settings.optimizer_kwargs())
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: str, steps: ScheduleSteps):
     """diffusers' schedule by name; stepped once per optimizer step by the training loop."""
     name = "constant_with_warmup" if lr_scheduler == "constant" and steps.warmup else lr_scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=steps.warmup, num_training_steps=steps.decay)
+
+
+def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncoderFreezing) -> str | None:
+    """Turn gradients off for the frozen parts of a trained CLIP text encoder; a summary, or None if none is.
+
+    Frozen parameters get no gradient, so they cost no gradient memory and no optimizer state
+    (EveryDream2 only left them out of the optimizer and kept computing their gradients).
+    """
+    from utils.model_family import clip_text_transformer
+
+    model = clip_text_transformer(text_encoder)
+    layers = model.encoder.layers
+    frozen = []
+    count = freezing.frozen_layers(len(layers))
+    for layer in list(layers)[:count]:
+        layer.requires_grad_(False)
+    if count:
+        frozen.append(f"layers 1-{count} of {len(layers)}")
+    if freezing.embeddings_frozen(len(layers)):
+        model.embeddings.requires_grad_(False)
+        frozen.append("embeddings")
+    if freezing.freeze_final_layer_norm:
+        model.final_layer_norm.requires_grad_(False)
+        frozen.append("final layer norm")
+    return ", ".join(frozen) if frozen else None

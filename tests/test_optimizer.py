@@ -270,13 +270,11 @@ def test_a_different_text_encoder_optimizer_is_reported_with_the_other_problems(
     ({"base": {"lr_scheduler": "cosine"}}, "base.lr_scheduler"),
     ({"base": {"lr_warmup_steps": 10}}, "base.lr_warmup_steps"),
     ({"text_encoder_overrides": {"lr_decay_steps": 100}}, "text_encoder_overrides.lr_decay_steps"),
-    ({"base": {"momentum": 0.9}}, "base.momentum"),
-    ({"text_encoder_freezing": {"freeze_embeddings": True}}, "text_encoder_freezing.freeze_embeddings"),
-    ({"text_encoder_freezing": {"unfreeze_last_n_layers": 2}}, "text_encoder_freezing.unfreeze_last_n_layers"),
+    ({"base": {"momentum": 0.9}}, "base.momentum"),  # adamw takes no momentum
+    ({"base": {"optimizer": "lion", "epsilon": 1e-6}}, "base.epsilon"),  # nor does lion an epsilon
     ({"text_encoder_lr_scale": 0.5}, "text_encoder_lr_scale"),
-    ({"log_grad_norm": True}, "log_grad_norm"),
 ])
-def test_keys_without_effect_yet_are_noted(data, named):
+def test_keys_without_effect_are_noted(data, named):
     notes = resolve(data).notes
     assert len(notes) == 1
     assert named in notes[0] and "no effect" in notes[0] and SOURCE in notes[0]
@@ -293,9 +291,9 @@ def test_null_and_all_false_settings_give_no_notes():
 
 
 def test_every_noted_key_is_listed():
-    data = {"base": {"lr_scheduler": "cosine", "d0": 1e-6}, "text_encoder_freezing": {"freeze_embeddings": True}}
+    data = {"base": {"lr_scheduler": "cosine", "d0": 1e-6}, "text_encoder_overrides": {"momentum": 0.5}}
     notes = "\n".join(resolve(data).notes)
-    for key in ("base.lr_scheduler", "base.d0", "text_encoder_freezing.freeze_embeddings"):
+    for key in ("base.lr_scheduler", "base.d0", "text_encoder_overrides.momentum"):
         assert key in notes
 
 
@@ -481,3 +479,131 @@ def test_adamw8bit_is_bitsandbytes_and_keeps_uint8_state_on_cpu():
         assert not torch.equal(p.detach(), old)
         state = optimizer.state[p]
         assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+
+
+# =================================================================================================
+# Every optimizer, text-encoder freezing, grad norms, the grad-scaler schedule
+# =================================================================================================
+
+from optimizer.optimizer_config import OPTIMIZERS, TextEncoderFreezing, grad_scaler_tweak  # noqa: E402
+from optimizer.optimizers import OPTIMIZER_CLASSES, freeze_text_encoder_parts  # noqa: E402
+from utils.model_family import clip_text_transformer  # noqa: E402
+
+
+def test_every_optimizer_name_has_a_class_and_the_config_offers_exactly_these():
+    from utils.config import FIELDS
+
+    assert set(OPTIMIZER_CLASSES) == set(OPTIMIZERS) == set(FIELDS["optimizer"].metadata["choices"])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_builds_with_its_settings_and_steps(name):
+    """lion/lion8bit (bitsandbytes), prodigy (prodigyopt) and the D-Adaptation family (dadaptation) run on the
+    CPU too; each takes the optimizer.json keys it knows, with per-group values."""
+    extra = {"d0": 1e-5} if name.startswith(("dadapt", "prodigy")) else {}
+    settings = resolve({"base": {"optimizer": name, "lr": 1.0 if extra else 1e-3, **extra},
+                        "text_encoder_overrides": {"weight_decay": 0.0}})
+    unet_params, te_params = [torch.nn.Parameter(torch.randn(64, 64))], [torch.nn.Parameter(torch.randn(64, 64))]
+    optimizer = build_optimizer(settings, {"unet": unet_params, "text encoder": te_params})
+    assert type(optimizer).__name__ == OPTIMIZER_CLASSES[name][1]
+    unet_group, te_group = optimizer.param_groups
+    assert (unet_group["name"], te_group["name"]) == ("unet", "text encoder")
+    assert unet_group["weight_decay"] == 0.01 and te_group["weight_decay"] == 0.0
+    if extra:
+        assert unet_group["d0"] == 1e-5
+    before = [p.detach().clone() for p in unet_params + te_params]
+    for _ in range(2):
+        for p in unet_params + te_params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, unet_params + te_params))
+
+
+def test_lion_defaults_to_its_papers_betas_unless_set():
+    assert resolve({"base": {"optimizer": "lion"}}).unet.betas == (0.9, 0.99)
+    assert resolve({"base": {"optimizer": "lion", "betas": [0.95, 0.98]}}).unet.betas == (0.95, 0.98)
+    assert resolve({}).unet.betas == (0.9, 0.999)
+
+
+def test_a_missing_optimizer_package_is_named_before_any_model_loads(tmp_path, monkeypatch):
+    """plan_run checks the package that provides the optimizer and names what to pip install."""
+    import importlib.util
+
+    import train
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else
+                        real_find_spec(name, *a))
+    with pytest.raises(ConfigError) as error:
+        train.plan_run(["--resume_ckpt", "builtin:tiny", "--data_root", str(tmp_path), "--optimizer", "prodigy"])
+    assert "pip install prodigyopt" in str(error.value)
+
+
+def test_an_unknown_optimizer_name_is_an_error_with_a_suggestion():
+    with pytest.raises(ConfigError) as error:
+        resolve({"base": {"optimizer": "dadapt_adamm"}})
+    assert "Did you mean 'dadapt_adam'?" in problems_of(error)["base.optimizer"]
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({}, TextEncoderFreezing()),
+    ({"unfreeze_last_n_layers": 2}, TextEncoderFreezing(unfreeze_last_n_layers=2)),
+    ({"freeze_front_n_layers": -3}, TextEncoderFreezing(unfreeze_last_n_layers=3)),  # EveryDream2's reading
+    ({"freeze_front_n_layers": 4}, TextEncoderFreezing(freeze_first_n_layers=4)),
+    ({"freeze_embeddings": False, "freeze_final_layer_norm": True},
+     TextEncoderFreezing(freeze_embeddings=False, freeze_final_layer_norm=True)),
+])
+def test_text_encoder_freezing_is_read(section, expected):
+    assert resolve({"text_encoder_freezing": section}).freezing == expected
+
+
+@pytest.mark.parametrize("section", [{"unfreeze_last_n_layers": 0}, {"freeze_embeddings": "yes"},
+                                     {"unfreeze_last_n_layers": 2, "freeze_front_n_layers": 3}])
+def test_bad_text_encoder_freezing_is_an_error(section):
+    with pytest.raises(ConfigError):
+        resolve({"text_encoder_freezing": section})
+
+
+def tiny_text_encoder():
+    from utils.tiny_model import build_tiny_components
+
+    return build_tiny_components()["text_encoder"]
+
+
+def test_frozen_text_encoder_parts_get_no_gradient_and_no_optimizer_state():
+    text_encoder = tiny_text_encoder()
+    layers = len(clip_text_transformer(text_encoder).encoder.layers)
+    summary = freeze_text_encoder_parts(text_encoder, TextEncoderFreezing(unfreeze_last_n_layers=2,
+                                                                          freeze_final_layer_norm=True))
+    assert summary == f"layers 1-{layers - 2} of {layers}, embeddings, final layer norm"
+    trainable = {name for name, p in text_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(f"layers.{layers - 2}." in n or f"layers.{layers - 1}." in n for n in trainable)
+    settings = resolve({})
+    optimizer = build_optimizer(settings, {"text encoder": [p for p in text_encoder.parameters() if p.requires_grad]})
+    ids = torch.randint(0, 100, (2, 8))
+    text_encoder(ids).last_hidden_state.sum().backward()
+    optimizer.step()
+    for name, p in text_encoder.named_parameters():
+        assert (p.grad is None) is (name not in trainable), name
+        assert (p in optimizer.state) is (name in trainable), name
+
+
+def test_without_freezing_settings_every_text_encoder_weight_trains():
+    text_encoder = tiny_text_encoder()
+    assert freeze_text_encoder_parts(text_encoder, TextEncoderFreezing()) is None
+    assert all(p.requires_grad for p in text_encoder.parameters())
+
+
+def test_log_grad_norm_and_grad_scaler_tweaks_are_read():
+    assert resolve({"log_grad_norm": True}).log_grad_norm and not resolve({}).log_grad_norm
+    assert resolve({}).grad_scaler_step_tweaks and not resolve({"apply_grad_scaler_step_tweaks": False}) \
+        .grad_scaler_step_tweaks
+    with pytest.raises(ConfigError):
+        resolve({"log_grad_norm": "yes"})
+
+
+def test_grad_scaler_schedule_follows_everydream2():
+    assert [grad_scaler_tweak(step) for step in (1, 499, 500, 1000, 2000, 4000, 4001)] == [
+        None, None, (1.8, 100), (1.6, 200), (1.3, 500), (1.15, 2000), None]

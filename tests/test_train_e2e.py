@@ -182,6 +182,14 @@ def test_findlast_continues_from_the_newest_checkpoint(runs, tmp_path):
     assert not list(tmp_path.iterdir())  # no_save_ckpt: no single file
 
 
+def optimizer_file(folder: Path) -> Path:
+    """An optimizer.json that logs grad norms and trains only the text encoder's last two layers."""
+    path = folder / "optimizer.json"
+    path.write_text(json.dumps({"base": {"optimizer": "adamw8bit", "lr": 1e-4}, "log_grad_norm": True,
+                                "text_encoder_freezing": {"unfreeze_last_n_layers": 2}}))
+    return path
+
+
 def test_training_options_run_together(tmp_path):
     """Code paths the demo does not take: checkpointing, clip_skip, sliced attention, clipping, a cosine
     schedule with warmup, flips, 8-bit AdamW, a random seed, fp32 single files, a periodic save every epoch,
@@ -191,8 +199,12 @@ def test_training_options_run_together(tmp_path):
                    "--lr_warmup_steps", "2", "--flip_p", "0.5", "--optimizer", "adamw8bit",
                    "--seed", "-1", "--save_full_precision", "--log_step", "1", "--pyramid_noise_discount", "0.1",
                    "--min_snr_gamma", "5", "--loss_type", "mse_huber", "--embedding_perturbation", "0.1",
-                   "--enable_zero_terminal_snr")
-    assert "no effect yet" not in run["output"]
+                   "--enable_zero_terminal_snr", "--optimizer_config", str(optimizer_file(tmp_path)))
+    assert "no effect" not in run["output"]
+    assert "text encoder frozen parts: layers 1-10 of 12, embeddings" in run["output"]
+    for tag in ("optimizer/unet_grad_norm", "optimizer/te_grad_norm"):  # logged, and clipping saw real norms
+        norms = [value for _, value in scalars(run["run_dir"], tag)]
+        assert len(norms) == 2 * BATCHES_PER_EPOCH and all(value > 0 and math.isfinite(value) for value in norms)
     losses = [value for _, value in scalars(run["run_dir"], "loss/log_step")]
     assert all(math.isfinite(value) for value in losses)
     scheduler = json.loads((final_checkpoint_named(run["run_dir"], "last-") / "scheduler" /

@@ -22,6 +22,8 @@ from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 SUPPORTED_RESOLUTIONS = tuple(range(256, 2048 + 1, 64))  # px, the side of a square of the same area
 BUILTIN_TINY = "builtin:tiny"
 FINDLAST = "findlast"
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
+                   "dadapt_adan")  # built by optimizer/optimizers.py; their settings in optimizer/optimizer_config.py
 DEFAULT_CKPT_EVERY_N_MINUTES = 30  # used when neither save cadence is set, as EveryDream2's docs say
 
 GROUPS = (
@@ -151,8 +153,9 @@ class TrainConfig:
         "optimizer.json", "Optimizer settings in EveryDream2's optimizer.json format; a missing default file "
         "means the defaults.", group="Training")
     optimizer: str | None = option(
-        None, "Optimizer; null = optimizer.json's `base.optimizer` (adamw when absent).", group="Training",
-        choices=("adamw", "adamw8bit"))
+        None, "Optimizer: adamw, adamw8bit, lion, lion8bit (bitsandbytes), prodigy (pip install prodigyopt), "
+        "dadapt_adam, dadapt_lion, dadapt_sgd, dadapt_adan (pip install dadaptation); null = optimizer.json's "
+        "`base.optimizer` (adamw when absent). See doc/OPTIMIZER.md.", group="Training", choices=OPTIMIZER_NAMES)
     clip_grad_norm: float | None = option(
         None, "Clip the UNet and text-encoder gradient norm to this value; null = no clipping.",
         group="Training", above=0.0)

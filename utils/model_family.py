@@ -51,10 +51,15 @@ class ModelFamily:
         return Conditioning(_final_layer_norm(text_encoder)(hidden))
 
 
-def _final_layer_norm(text_encoder) -> torch.nn.Module:
+def clip_text_transformer(text_encoder) -> torch.nn.Module:
+    """The module holding `embeddings`, `encoder.layers` and `final_layer_norm` of a CLIP text encoder."""
     text_encoder = getattr(text_encoder, "module", text_encoder)  # inside DistributedDataParallel
     # transformers >= 5 flattened CLIPTextModel; older versions wrap it in `text_model`.
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+def _final_layer_norm(text_encoder) -> torch.nn.Module:
+    return clip_text_transformer(text_encoder).final_layer_norm
 
 
 SD1 = ModelFamily("sd1", "SD 1.x")
