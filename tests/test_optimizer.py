@@ -383,6 +383,28 @@ def test_linear_schedule_follows_the_closed_form(warmup, decay):
         assert lr == pytest.approx(BASE_LR * expected, abs=1e-12), step
 
 
+@pytest.mark.parametrize("warmup, decay", [(0, 40), (4, 40)])
+def test_polynomial_schedule_follows_the_closed_form(warmup, decay):
+    """diffusers' polynomial decay with its defaults: power 1, down to lr_end 1e-7."""
+    lr_end = 1e-7
+    lrs = lrs_over("polynomial", warmup, decay, decay)
+    for step, lr in enumerate(lrs):
+        if step < warmup:
+            expected = BASE_LR * step / warmup
+        else:
+            expected = (BASE_LR - lr_end) * (1 - (step - warmup) / (decay - warmup)) + lr_end
+        assert lr == pytest.approx(expected, abs=1e-12), step
+
+
+def test_default_lengths_give_the_documented_schedule_values():
+    """The defaults end to end: decay 1.5 x the run, warmup 2% of it, for a cosine schedule over 1,000 steps."""
+    steps = schedule_steps(1000, "cosine", None, None)
+    assert (steps.decay, steps.warmup) == (1500, 30)
+    lrs = lrs_over("cosine", steps.warmup, steps.decay, 1001)
+    assert lrs[15] == pytest.approx(BASE_LR * 15 / 30)
+    assert lrs[1000] == pytest.approx(BASE_LR * 0.5 * (1 + math.cos(math.pi * (1000 - 30) / (1500 - 30))))
+
+
 def test_default_cosine_schedule_never_reaches_zero_within_the_run():
     total = 200
     steps = schedule_steps(total, "cosine", None, None)

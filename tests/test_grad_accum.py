@@ -1,0 +1,129 @@
+"""Gradient accumulation is exact: batch b with grad_accum k gives the update of one batch of k*b.
+
+EveryDream2 summed the micro-batch losses (k times the gradient) and stepped its lr schedule on every
+micro-batch. Here train.train_batch divides each loss by its group's size and steps once per group.
+The test trains the tiny model with the real loss maths; only the noise and timesteps are tied to each
+sample (instead of to the step) so that both ways see exactly the same samples, noise and timesteps.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train
+from utils import diffusion
+from utils.loop_state import LoopState
+from utils.tiny_model import build_tiny_components
+
+SAMPLES = 4
+
+
+def per_sample_noise_step(trainee, batch, config, global_step, accelerator):
+    """train.train_step's maths, with noise and timesteps drawn per sample from its index."""
+    model = trainee.model
+    latents = model.vae.encode(batch["pixels"]).latent_dist.mean * model.vae.config.scaling_factor
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(100 + i))
+                         for i in batch["indices"]])
+    timesteps = torch.tensor([(37 * i + 11) % 1000 for i in batch["indices"]])
+    noisy = diffusion.add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
+    hidden = model.text_encoder(batch["input_ids"]).last_hidden_state
+    prediction = trainee.unet(noisy, timesteps, hidden).sample
+    target = diffusion.training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
+    return diffusion.weighted_mean(diffusion.per_sample_loss(prediction, target), batch["loss_scale"])
+
+
+@pytest.fixture(scope="module")
+def samples():
+    generator = torch.Generator().manual_seed(0)
+    tokenizer = build_tiny_components()["tokenizer"]
+    captions = ["a red square", "a blue circle", "a green triangle", "a yellow star"]
+    return {"pixels": torch.rand(SAMPLES, 3, 64, 64, generator=generator) * 2 - 1,
+            "input_ids": tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids,
+            "indices": list(range(SAMPLES)), "loss_scale": torch.tensor([1.0, 0.5, 2.0, 1.0])}
+
+
+def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch):
+    """One optimizer step over the SAMPLES samples in micro-batches of batch_size; the UNet's weights after it."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(train, "train_step", per_sample_noise_step)
+    torch.manual_seed(0)
+    parts = build_tiny_components()
+    model = SimpleNamespace(**parts, prediction_type="epsilon")
+    model.text_encoder.requires_grad_(False)
+    model.vae.requires_grad_(False)
+    trainee = train.Trainee(model, model.unet, model.text_encoder, train_unet=True, train_text_encoder=False,
+                            alphas_cumprod=parts["scheduler"].alphas_cumprod)
+    # SGD: the update is the gradient itself (Adam divides by |gradient|, which blows float rounding in
+    # near-zero gradients up to a full step).
+    optimizer = torch.optim.SGD(model.unet.parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    plan = SimpleNamespace(config=SimpleNamespace(grad_accum=grad_accum, clip_grad_norm=None, seed=0),
+                           optimizer_settings=SimpleNamespace(log_grad_norm=False, grad_scaler_step_tweaks=False))
+    state = LoopState()
+    batches = [{key: value[start:start + batch_size] for key, value in samples.items()}
+               for start in range(0, SAMPLES, batch_size)]
+    for index, batch in enumerate(batches):
+        train.train_batch(trainee, batch, index, len(batches), optimizer, schedule, plan, state, Accelerator(cpu=True))
+    return [p.detach().clone() for p in model.unet.parameters()], state, schedule
+
+
+def test_grad_accum_gives_the_same_update_as_one_big_batch(samples, monkeypatch):
+    reference, state, schedule = train_one_update(samples, SAMPLES, 1, monkeypatch)
+    assert state.optimizer_step == 1 and schedule.last_epoch == 1
+    for batch_size, grad_accum in ((2, 2), (1, 4)):
+        weights, state, schedule = train_one_update(samples, batch_size, grad_accum, monkeypatch)
+        assert state.optimizer_step == 1 and schedule.last_epoch == 1  # one step, one schedule step
+        for ours, big in zip(weights, reference):
+            torch.testing.assert_close(ours, big, rtol=1e-5, atol=1e-6)
+
+
+def test_summing_instead_of_averaging_would_be_caught(samples, monkeypatch):
+    """The comparison above is sharp: EveryDream2's summed losses give a different update."""
+    reference, _, _ = train_one_update(samples, SAMPLES, 1, monkeypatch)
+    original = train.train_batch
+
+    def summing(trainee, batch, index, batches_in_epoch, optimizer, schedule, plan, state, accelerator):
+        loss = per_sample_noise_step(trainee, batch, plan.config, state.global_step, accelerator)
+        loss.backward()  # no division by the group's size
+        if index == batches_in_epoch - 1:
+            optimizer.step()
+        return loss.detach(), {}
+
+    monkeypatch.setattr(train, "train_batch", summing)
+    try:
+        summed, _, _ = train_one_update(samples, 2, 2, monkeypatch)
+    finally:
+        monkeypatch.setattr(train, "train_batch", original)
+    differences = [(a - b).abs().max().item() for a, b in zip(summed, reference)]
+    assert max(differences) > 1e-4
+
+
+def test_training_lowers_the_loss_on_fixed_noise_and_timesteps(samples, monkeypatch):
+    """It learns: after a few updates on four images, the loss on the same noise and timesteps is lower."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    parts = build_tiny_components()
+    model = SimpleNamespace(**parts, prediction_type="epsilon")
+    model.vae.requires_grad_(False)
+    trainee = train.Trainee(model, model.unet, model.text_encoder, train_unet=True, train_text_encoder=True,
+                            alphas_cumprod=parts["scheduler"].alphas_cumprod)
+    parameters = list(model.unet.parameters()) + list(model.text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    plan = SimpleNamespace(config=SimpleNamespace(grad_accum=1, clip_grad_norm=1.0, seed=0),
+                           optimizer_settings=SimpleNamespace(log_grad_norm=False, grad_scaler_step_tweaks=False))
+    monkeypatch.setattr(train, "train_step", per_sample_noise_step)
+    with torch.no_grad():
+        before = per_sample_noise_step(trainee, samples, None, 0, None).item()
+    state, accelerator = LoopState(), Accelerator(cpu=True)
+    for step in range(15):
+        train.train_batch(trainee, samples, 0, 1, optimizer, schedule, plan, state, accelerator)
+    with torch.no_grad():
+        after = per_sample_noise_step(trainee, samples, None, 0, None).item()
+    assert state.optimizer_step == 15
+    assert after < 0.7 * before, (before, after)
