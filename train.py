@@ -41,6 +41,7 @@ class RunPlan:
     batches_per_epoch: list[int]  # of every epoch; they differ with fractional multipliers or rated_dataset
     schedule: object  # optimizer.optimizer_config.ScheduleSteps
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
+    ema_decay: float | None = None  # per EMA update; None: EMA off
 
     @property
     def items(self) -> list:
@@ -95,6 +96,12 @@ def plan_run(argv: list[str]) -> RunPlan:
                     f"under {config.logdir}")
         except NoCheckpointFound as error:
             problems.append(ConfigProblem("resume_ckpt", loaded.origins["resume_ckpt"], str(error)))
+    if config.ema_resume_model == FINDLAST:
+        try:
+            newest = find_last_checkpoint(config.logdir, containing="ema")
+            resolve("ema_resume_model", newest, "findlast: newest finished checkpoint with EMA weights")
+        except NoCheckpointFound as error:
+            problems.append(ConfigProblem("ema_resume_model", loaded.origins["ema_resume_model"], str(error)))
     optimizer_settings = load_optimizer_settings(config, loaded.origins)
     optimizer_package = OPTIMIZERS[optimizer_settings.unet.optimizer].package
     for needed, package, key in ((optimizer_package is not None, optimizer_package, "optimizer"),
@@ -122,7 +129,20 @@ def plan_run(argv: list[str]) -> RunPlan:
     schedule = schedule_steps(sum(math.ceil(count / config.grad_accum) for count in per_epoch),
                               config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps)
     derived += list(optimizer_settings.origins) + [schedule.origin]
-    return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived)
+    ema_decay = None
+    if config.ema_decay_rate is not None or config.ema_strength_target is not None:
+        updates = sum(math.ceil(count / config.grad_accum) for count in per_epoch) // config.ema_update_interval
+        ema_decay, origin = resolve_ema_decay(config.ema_decay_rate, config.ema_strength_target, updates)
+        derived.append(f"ema decay = {ema_decay:.6g} ({origin}; {updates} updates in the run)")
+    return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay)
+
+
+def resolve_ema_decay(decay_rate: float | None, strength_target: float | None, updates: int) -> tuple[float, str]:
+    """The EMA decay per update, and where it came from. strength_target s is the share of the starting
+    weights left after every update: decay = s^(1/updates), as EveryDream2 defines it."""
+    if decay_rate is not None:
+        return decay_rate, "ema_decay_rate"
+    return strength_target ** (1.0 / max(1, updates)), f"ema_strength_target {strength_target}"
 
 
 # =================================================================================================
@@ -189,10 +209,17 @@ class Trainee:
     train_unet: bool
     train_text_encoder: bool
     alphas_cumprod: object  # the training schedule's ᾱ_t, on the device
+    ema: object = None  # utils.ema.EMA of the trained parts, when EMA is on
 
     def trained_parts(self) -> dict:
         """{"unet": module, "text encoder": module} for the parts that train, as called in training."""
         parts = {"unet": (self.unet, self.train_unet), "text encoder": (self.text_encoder, self.train_text_encoder)}
+        return {name: module for name, (module, trained) in parts.items() if trained}
+
+    def trained_modules(self) -> dict:
+        """The same parts as the plain modules (not wrapped), for the EMA and for saving."""
+        parts = {"unet": (self.model.unet, self.train_unet),
+                 "text encoder": (self.model.text_encoder, self.train_text_encoder)}
         return {name: module for name, (module, trained) in parts.items() if trained}
 
 
@@ -227,7 +254,28 @@ def load_trainee(plan: RunPlan, accelerator) -> Trainee:
     if config.enable_zero_terminal_snr:  # checkpoints must sample with the schedule they were trained on
         model.scheduler = zero_terminal_snr_inference_scheduler(model)
     alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    return Trainee(model, model.unet, model.text_encoder, train_unet, train_te, alphas)
+    trainee = Trainee(model, model.unet, model.text_encoder, train_unet, train_te, alphas)
+    if plan.ema_decay is not None:
+        trainee.ema = start_ema(plan, trainee, accelerator)
+    return trainee
+
+
+def start_ema(plan: RunPlan, trainee: Trainee, accelerator):
+    """The EMA of the trained parts, from the model as loaded or from ema_resume_model."""
+    from utils.ema import EMA, load_saved_ema
+
+    config = plan.config
+    device = config.ema_device if accelerator.device.type == "cuda" else "cpu"
+    modules = trainee.trained_modules()
+    ema = EMA(modules, plan.ema_decay, device)
+    source = "the model being trained"
+    if config.ema_resume_model:
+        saved = load_saved_ema(config.ema_resume_model, trainee.model)
+        taken = {part: ema.load(part, saved[part]) for part in modules if part in saved}
+        source = f"{config.ema_resume_model} ({', '.join(f'{part}: {n} weights' for part, n in taken.items())})"
+    plan.derived.append(f"EMA on {device}, decay {plan.ema_decay:.6g} every {config.ema_update_interval} optimizer "
+                        f"steps, starting from {source}")
+    return ema
 
 
 def set_attention(unet, attn_type: str) -> None:
@@ -341,6 +389,8 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
     if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
         schedule.step()
         state.optimizer_step += 1
+        if trainee.ema is not None and state.optimizer_step % config.ema_update_interval == 0:
+            trainee.ema.update(trainee.trained_modules())
     tweak = grad_scaler_tweak(state.optimizer_step) if settings.grad_scaler_step_tweaks else None
     if tweak and accelerator.scaler is not None:
         accelerator.scaler.set_growth_factor(tweak[0])
@@ -380,6 +430,7 @@ def periodic_save_due(plan: RunPlan, state, end_of_epoch: bool) -> bool:
 def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accelerator, prefix: str = "") -> None:
     """A diffusers folder in <run>/ckpts/ and, unless no_save_ckpt, a single-file .safetensors."""
     from utils.checkpoint import checkpoint_name, save_pipeline
+    from utils.ema import EMA_FOLDER
     from utils.single_file import save_single_file
 
     accelerator.wait_for_everyone()
@@ -391,13 +442,21 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
     pipeline = model.family.pipeline_class()(**model.components(), safety_checker=None, feature_extractor=None,
                                             requires_safety_checker=False)
     record = {**state.to_dict(), "family": model.family.name, "base_model": model.source}
-    folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, to_json_dict(config))
-    log.info("saved %s", folder)
-    if not config.no_save_ckpt:
-        target_dir = config.save_ckpt_dir or os.getcwd()
-        os.makedirs(target_dir, exist_ok=True)
-        path = save_single_file(os.path.join(target_dir, name + ".safetensors"), model.family.name, model.unet,
-                                model.vae, model.text_encoder, half=not config.save_full_precision)
+    ema, modules = trainee.ema, trainee.trained_modules()
+    write_ema = (lambda folder: ema.save(os.path.join(folder, EMA_FOLDER), modules)) if ema else None
+    folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, to_json_dict(config), write_ema)
+    log.info("saved %s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if ema else "")
+    if config.no_save_ckpt:
+        return
+    target_dir = config.save_ckpt_dir or os.getcwd()
+    os.makedirs(target_dir, exist_ok=True)
+    files = {name: {"unet": model.unet, "vae": model.vae, "text encoder": model.text_encoder}}
+    if ema:  # the same model with the averaged weights, as EveryDream2's <name>_ema.safetensors
+        files[name + "_ema"] = {**files[name], **{part: ema.state_dict_for(part, module)
+                                                  for part, module in modules.items()}}
+    for file_name, parts in files.items():
+        path = save_single_file(os.path.join(target_dir, file_name + ".safetensors"), model.family.name,
+                                parts["unet"], parts["vae"], parts["text encoder"], half=not config.save_full_precision)
         log.info("saved %s (%s)", path, "fp32" if config.save_full_precision else "fp16")
 
 

@@ -57,7 +57,8 @@ def example_value(name: str, images: str, optimizer_file: str):
     """A valid value for `name` that differs from its default."""
     special = {"resume_ckpt": "builtin:tiny", "data_root": images, "optimizer_config": optimizer_file,
                "resolution": 768, "plugins": ["my_plugins.Example"], "project_name": "other_project",
-               "timestep_start": 10, "timestep_end": 900, "seed": 42, "lr_warmup_steps": 7, "lr_decay_steps": 70}
+               "timestep_start": 10, "timestep_end": 900, "seed": 42, "lr_warmup_steps": 7, "lr_decay_steps": 70,
+               "ema_resume_model": images}  # a folder (what it holds is checked when the model loads)
     if name in special:
         return special[name]
     field, tp = FIELDS[name], FIELD_TYPES[name]
@@ -91,8 +92,10 @@ def test_every_key_is_usable_in_json_and_on_the_command_line(tmp_path, images):
     for name in FIELDS:
         value = example_value(name, images, optimizer_file)
         assert value != FIELDS[name].default, name
-        from_json = load_config(["--config", write_config(tmp_path, {**base, name: value})]).config
-        from_cli = load_config(["--config", write_config(tmp_path, base), f"--{name}", *as_flag_values(value)]).config
+        needs = {"ema_decay_rate": 0.9} if name == "ema_resume_model" else {}  # the keys it only works with
+        from_json = load_config(["--config", write_config(tmp_path, {**base, **needs, name: value})]).config
+        from_cli = load_config(["--config", write_config(tmp_path, {**base, **needs}), f"--{name}",
+                                *as_flag_values(value)]).config
         assert getattr(from_json, name) == value, name
         assert getattr(from_cli, name) == value, name
 
@@ -310,12 +313,13 @@ def test_config_file_must_exist_and_hold_an_object(tmp_path):
 
 
 def test_planned_keys_are_accepted_and_reported_as_having_no_effect_yet(tmp_path, images):
-    path = write_config(tmp_path, {"resume_ckpt": "builtin:tiny", "data_root": images, "ema_decay_rate": 0.999,
-                                   "sample_steps": 250})
+    path = write_config(tmp_path, {"resume_ckpt": "builtin:tiny", "data_root": images, "sample_steps": 300,
+                                   "wandb": False, "ema_decay_rate": 0.999})
     loaded = load_config(["--config", path])
-    assert loaded.config.ema_decay_rate == 0.999
-    assert any("ema_decay_rate" in n and "no effect yet" in n for n in loaded.notes)
-    assert not any("sample_steps" in n for n in loaded.notes)  # at its default: nothing to say
+    assert loaded.config.sample_steps == 300
+    assert any("sample_steps" in n and "no effect yet" in n for n in loaded.notes)
+    assert not any("wandb" in n for n in loaded.notes)  # at its default: nothing to say
+    assert not any("ema_decay_rate" in n for n in loaded.notes)  # EMA works now
 
 
 def test_validate_reports_wrong_types_of_a_directly_built_config(images):
@@ -346,3 +350,15 @@ def test_help_lists_every_key_with_its_default_and_description():
 
 def test_supported_resolutions_are_every_multiple_of_64_from_256_to_2048():
     assert SUPPORTED_RESOLUTIONS == tuple(range(256, 2049, 64))
+
+
+@pytest.mark.parametrize("values, key, text", [
+    ({"ema_decay_rate": 0.9, "ema_strength_target": 0.1}, "ema_strength_target", "both set"),
+    ({"ema_resume_model": "findlast"}, "ema_resume_model", "EMA is off"),
+    ({"ema_decay_rate": 0.9, "ema_resume_model": "no/such/folder"}, "ema_resume_model", "not a folder"),
+])
+def test_ema_settings_that_cannot_work_are_errors(tmp_path, images, values, key, text):
+    path = write_config(tmp_path, {"resume_ckpt": "builtin:tiny", "data_root": images, **values})
+    with pytest.raises(ConfigError) as error:
+        load_config(["--config", path])
+    assert any(p.key == key and text in p.message for p in error.value.problems)

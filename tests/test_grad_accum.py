@@ -121,7 +121,7 @@ def test_training_lowers_the_loss_on_fixed_noise_and_timesteps(samples, monkeypa
     with torch.no_grad():
         before = per_sample_noise_step(trainee, samples, None, 0, None).item()
     state, accelerator = LoopState(), Accelerator(cpu=True)
-    for step in range(15):
+    for _ in range(15):
         train.train_batch(trainee, samples, 0, 1, optimizer, schedule, plan, state, accelerator)
     with torch.no_grad():
         after = per_sample_noise_step(trainee, samples, None, 0, None).item()

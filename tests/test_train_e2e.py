@@ -337,3 +337,28 @@ def test_everydream2_data_conventions_train_end_to_end(tmp_path):
     total = sum(len({line["step"] for line in lines}) for lines in schedules)
     assert steps == list(range(1, total + 1))
     assert "done:" in result.stdout + result.stderr
+
+
+def test_ema_is_saved_beside_the_model_and_resumed_by_the_next_session(tmp_path):
+    """Session 1 keeps an EMA and saves it in the checkpoint (ema/) and as <name>_ema.safetensors; session 2
+    continues from the newest checkpoint and from its EMA (EveryDream2 loaded the non-EMA model instead)."""
+    from diffusers import UNet2DConditionModel
+
+    first = demo_run(tmp_path / "one", "--max_epochs", "1", "--ema_decay_rate", "0.5", "--ema_update_interval", "2")
+    checkpoint = final_checkpoint(first["run_dir"])
+    assert (checkpoint / "ema" / "unet").is_dir() and (checkpoint / "ema" / "text_encoder").is_dir()
+    assert (first["single"] / f"{checkpoint.name}_ema.safetensors").is_file()
+    averaged = UNet2DConditionModel.from_pretrained(checkpoint / "ema", subfolder="unet").state_dict()
+    trained = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").state_dict()
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)
+    ema_file = load_file(str(first["single"] / f"{checkpoint.name}_ema.safetensors"))
+    plain_file = load_file(str(first["single"] / f"{checkpoint.name}.safetensors"))
+    assert ema_file.keys() == plain_file.keys()
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(ema_file[key], averaged["conv_out.weight"].half())
+    second = run_train("--config", "train.json", "--max_epochs", "1", "--logdir", str(tmp_path / "one" / "logs"),
+                       "--resume_ckpt", "findlast", "--ema_decay_rate", "0.5", "--ema_resume_model", "findlast",
+                       "--no_save_ckpt")
+    output = second.stdout + second.stderr
+    assert f"ema_resume_model = {checkpoint}" in output
+    assert f"starting from {checkpoint} (unet: " in output and "text encoder: " in output

@@ -22,8 +22,11 @@ def checkpoint_name(project_name: str, epochs_done: int, global_step: int, prefi
     return f"{prefix}{project_name}-ep{epochs_done:02d}-gs{global_step:05d}"
 
 
-def save_pipeline(folder: str, pipeline, record: dict, config: dict) -> str:
-    """Write `pipeline` (diffusers `save_pretrained`), the loop record and the config to `folder`, atomically."""
+def save_pipeline(folder: str, pipeline, record: dict, config: dict, write_extra=None) -> str:
+    """Write `pipeline` (diffusers `save_pretrained`), the loop record and the config to `folder`, atomically.
+
+    `write_extra(temporary_folder)` adds more files (the EMA weights) before the folder is renamed into place.
+    """
     parent, name = os.path.split(folder.rstrip("/\\"))
     os.makedirs(parent, exist_ok=True)
     temporary = os.path.join(parent, f".tmp-{name}")
@@ -32,6 +35,8 @@ def save_pipeline(folder: str, pipeline, record: dict, config: dict) -> str:
     for component in ("text_encoder", "text_encoder_2"):
         if getattr(pipeline, component, None) is not None:
             resave_in_original_layout(getattr(pipeline, component), os.path.join(temporary, component))
+    if write_extra is not None:
+        write_extra(temporary)
     write_json(os.path.join(temporary, CONFIG_FILE), config)
     write_json(os.path.join(temporary, CHECKPOINT_RECORD), {**record, "saved_at": time.time()})
     if os.path.exists(folder):
@@ -79,12 +84,13 @@ def is_finished_checkpoint(folder: str) -> bool:
             and os.path.isfile(os.path.join(folder, "model_index.json")))
 
 
-def find_last_checkpoint(logdir: str) -> str:
-    """The newest finished checkpoint under logdir, by the save time it records (not by file times)."""
+def find_last_checkpoint(logdir: str, containing: str | None = None) -> str:
+    """The newest finished checkpoint under logdir, by the save time it records (not by file times);
+    with `containing`, the newest that has that sub-folder (e.g. `ema`)."""
     newest: tuple[float, int, str] | None = None
     for folder, subfolders, _ in os.walk(logdir):
         subfolders[:] = [d for d in subfolders if not d.startswith(".tmp-")]
-        if not is_finished_checkpoint(folder):
+        if not is_finished_checkpoint(folder) or (containing and not os.path.isdir(os.path.join(folder, containing))):
             continue
         try:
             with open(os.path.join(folder, CHECKPOINT_RECORD), encoding="utf-8") as handle:
@@ -97,6 +103,9 @@ def find_last_checkpoint(logdir: str) -> str:
         if newest is None or key > newest:
             newest = key
     if newest is None:
+        if containing:
+            raise NoCheckpointFound(f"findlast found no finished checkpoint with {containing}/ under {logdir!r}: "
+                                    "no earlier session saved EMA weights.")
         raise NoCheckpointFound(f"resume_ckpt: findlast found no finished checkpoint under {logdir!r}. Run the "
                                 "first session of the chain (with a base model in resume_ckpt) first.")
     return newest[2]

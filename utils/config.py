@@ -195,21 +195,25 @@ class TrainConfig:
 
     # --- EMA ---------------------------------------------------------------------------------------
     ema_decay_rate: float | None = option(
-        None, "Keep an exponential moving average of the weights with this decay per update; null = off.",
-        group="EMA", above=0.0, maximum=1.0, planned="EMA")
+        None, "Keep an exponential moving average (EMA) of the trained weights: ema = rate x ema + (1 - rate) x "
+        "weights at every update, e.g. 0.99 with updates every 50 steps; null = off.", group="EMA", above=0.0,
+        maximum=1.0)
     ema_strength_target: float | None = option(
-        None, "Alternative to ema_decay_rate: the overall decay reached by the end of training.",
-        group="EMA", above=0.0, maximum=1.0, planned="EMA")
+        None, "Instead of ema_decay_rate: the base model's share left in the average after the last update "
+        "(the rate is derived from the number of updates), e.g. 0.1; null = off.", group="EMA", above=0.0,
+        maximum=1.0)
     ema_update_interval: int = option(
-        500, "Optimizer steps between EMA updates.", group="EMA", minimum=1, planned="EMA")
+        500, "Optimizer steps between EMA updates.", group="EMA", minimum=1)
     ema_device: str = option(
-        "cpu", "Where the EMA weights live.", group="EMA", choices=("cpu", "cuda"), planned="EMA")
+        "cpu", "Where the EMA weights live: `cpu` (no GPU memory, slower updates) or `cuda`.", group="EMA",
+        choices=("cpu", "cuda"))
     ema_sample_nonema_model: bool = option(
-        False, "With EMA on, also sample from the trained (non-EMA) model.", group="EMA", planned="EMA")
+        False, "With EMA on, also sample from the trained (non-EMA) model.", group="EMA", planned="sample images")
     ema_sample_ema_model: bool = option(
-        False, "With EMA on, sample from the EMA model.", group="EMA", planned="EMA")
+        False, "With EMA on, sample from the EMA model.", group="EMA", planned="sample images")
     ema_resume_model: str | None = option(
-        None, "EMA weights to continue from; null = start from the base model.", group="EMA", planned="EMA")
+        None, "EMA weights to continue from: a checkpoint folder (its ema/), an EMA folder, or `findlast` (the "
+        "newest checkpoint's); null = start the average from the model being trained.", group="EMA")
 
     # --- Saving ------------------------------------------------------------------------------------
     logdir: str = option(
@@ -503,6 +507,13 @@ def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> 
                 "training images, or at a JSON manifest (doc/DATA.md).")
         elif not os.path.exists(root):
             add("data_root", f"{root!r} does not exist: point it at the folder of training images.")
+    if cfg.ema_decay_rate is not None and cfg.ema_strength_target is not None:
+        add("ema_strength_target", "and ema_decay_rate are both set: keep one.")
+    if cfg.ema_resume_model not in (None, FINDLAST) and not os.path.isdir(cfg.ema_resume_model):
+        add("ema_resume_model", f"{cfg.ema_resume_model!r} is not a folder: give a checkpoint folder, an EMA folder, "
+            "or findlast.")
+    if cfg.ema_resume_model and cfg.ema_decay_rate is None and cfg.ema_strength_target is None:
+        add("ema_resume_model", "is set but EMA is off: set ema_decay_rate or ema_strength_target too.")
     if cfg.disable_unet_training and cfg.disable_textenc_training:
         add("disable_unet_training", "and disable_textenc_training are both true: nothing would train.")
     if cfg.timestep_start >= cfg.timestep_end:

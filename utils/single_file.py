@@ -166,10 +166,12 @@ def _for_file(tensors: Iterable[tuple[str, torch.Tensor]], half: bool) -> dict[s
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in tensors}
 
 
-def save_single_file(path: str, family_name: str, unet: torch.nn.Module, vae: torch.nn.Module,
-                     text_encoder: torch.nn.Module, *, half: bool) -> str:
-    """Write the model to `path` (fp16 when `half`), under a temporary name renamed when complete."""
-    state_dict = to_ldm_state_dict(family_name, unet.state_dict(), vae.state_dict(), text_encoder.state_dict())
+def save_single_file(path: str, family_name: str, unet: torch.nn.Module | dict, vae: torch.nn.Module | dict,
+                     text_encoder: torch.nn.Module | dict, *, half: bool) -> str:
+    """Write the model (modules, or their state dicts) to `path` (fp16 when `half`), under a temporary name
+    renamed when complete."""
+    unet, vae, text_encoder = (part if isinstance(part, dict) else part.state_dict() for part in (unet, vae, text_encoder))
+    state_dict = to_ldm_state_dict(family_name, unet, vae, text_encoder)
     temporary = path + ".tmp"
     save_file(_for_file(state_dict.items(), half), temporary, metadata={"format": "pt"})
     os.replace(temporary, path)
