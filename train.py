@@ -39,7 +39,7 @@ class RunPlan:
     scan: object  # data.items.ScanResult: the usable images, the skipped files, notes about the data
     data_options: object  # data.plan.PlanOptions
     batches_per_epoch: list[int]  # of every epoch; they differ with fractional multipliers or rated_dataset
-    schedule: object  # optimizer.optimizer_config.ScheduleSteps
+    schedule: dict  # part -> optimizer.optimizer_config.ScheduleSteps
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
     ema_decay: float | None = None  # per EMA update; None: EMA off
 
@@ -126,12 +126,13 @@ def plan_run(argv: list[str]) -> RunPlan:
     if not sum(per_epoch):
         raise ConfigError([ConfigProblem("data_root", loaded.origins["data_root"], f"{len(scan.items)} usable "
                                          "images, but every one has multiply: 0, so nothing would train.")])
-    schedule = schedule_steps(sum(math.ceil(count / config.grad_accum) for count in per_epoch),
-                              config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps)
-    derived += list(optimizer_settings.origins) + [schedule.origin]
+    total_steps = sum(math.ceil(count / config.grad_accum) for count in per_epoch)
+    schedule = {part: schedule_steps(total_steps, group.lr_scheduler, group.lr_warmup_steps, group.lr_decay_steps)
+                for part, group in (("unet", optimizer_settings.unet), ("text encoder", optimizer_settings.text_encoder))}
+    derived += list(optimizer_settings.origins) + [f"{part}: {steps.origin}" for part, steps in schedule.items()]
     ema_decay = None
     if config.ema_decay_rate is not None or config.ema_strength_target is not None:
-        updates = sum(math.ceil(count / config.grad_accum) for count in per_epoch) // config.ema_update_interval
+        updates = total_steps // config.ema_update_interval
         ema_decay, origin = resolve_ema_decay(config.ema_decay_rate, config.ema_strength_target, updates)
         derived.append(f"ema decay = {ema_decay:.6g} ({origin}; {updates} updates in the run)")
     return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay)
@@ -291,12 +292,14 @@ def set_attention(unet, attn_type: str) -> None:
 
 def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules."""
-    from optimizer.optimizers import build_lr_schedule, build_optimizer
+    from optimizer.optimizers import build_group_schedules, build_optimizer
 
     parts = trainee.trained_parts()
     optimizer = build_optimizer(plan.optimizer_settings, {name: [p for p in m.parameters() if p.requires_grad]
                                                           for name, m in parts.items()})
-    schedule = build_lr_schedule(optimizer, plan.config.lr_scheduler, plan.schedule)
+    settings = {"unet": plan.optimizer_settings.unet, "text encoder": plan.optimizer_settings.text_encoder}
+    schedule = build_group_schedules(optimizer, {part: (settings[part].lr_scheduler, steps)
+                                                 for part, steps in plan.schedule.items()})
     # The schedule is stepped by hand once per optimizer step; accelerate would count processes too.
     if "unet" in parts:
         trainee.unet = accelerator.prepare(trainee.unet)

@@ -47,9 +47,10 @@ assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES  # the config's choices
 
 TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezing", "text_encoder_lr_scale",
                   "apply_grad_scaler_step_tweaks", "log_grad_norm")
-SCHEDULE_KEYS = ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps")  # per section: not applied (one schedule)
+SCHEDULE_KEYS = ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps")  # each group has its own schedule
+LR_SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 EXTRA_KEYS = ("d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
-APPLIED_SECTION_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay") + EXTRA_KEYS
+APPLIED_SECTION_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay") + EXTRA_KEYS + SCHEDULE_KEYS
 SECTION_KEYS = ("optimizer", "lr") + SCHEDULE_KEYS + ("betas", "epsilon", "weight_decay") + EXTRA_KEYS
 FREEZING_KEYS = ("unfreeze_last_n_layers", "freeze_embeddings", "freeze_final_layer_norm", "freeze_front_n_layers")
 
@@ -72,6 +73,9 @@ class GroupSettings:
     growth_rate: float | None = None  # D-Adaptation / Prodigy: how fast the estimate may grow per step
     safeguard_warmup: bool | None = None  # Prodigy
     no_prox: bool | None = None  # Adan
+    lr_scheduler: str = "constant"  # this group's schedule (optimizer_config.schedule_steps sizes it)
+    lr_warmup_steps: int | None = None  # None: the default length
+    lr_decay_steps: int | None = None
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """The settings this group's optimizer takes, under its keyword names."""
@@ -163,6 +167,11 @@ def _check_section(name: str, section: Any, source: str, problems: list[ConfigPr
             problems.append(ConfigProblem(where, source, f"expected a number >= 0, got {json.dumps(value)}."))
         elif key in ("decouple", "safeguard_warmup", "no_prox") and not isinstance(value, bool):
             problems.append(ConfigProblem(where, source, f"expected true or false, got {json.dumps(value)}."))
+        elif key == "lr_scheduler" and value not in LR_SCHEDULERS:
+            problems.append(ConfigProblem(where, source, f"{value!r} is not one of: {', '.join(LR_SCHEDULERS)}."))
+        elif key in ("lr_warmup_steps", "lr_decay_steps") and not (isinstance(value, int) and not isinstance(
+                value, bool) and value >= 0):
+            problems.append(ConfigProblem(where, source, f"expected a whole number >= 0, got {json.dumps(value)}."))
         elif key == "momentum" and not (_is_number(value) and 0 <= value < 1):
             problems.append(ConfigProblem(where, source, f"expected a number in [0, 1), got {json.dumps(value)}."))
         elif key == "betas" and not (isinstance(value, list) and len(value) == 2
@@ -193,13 +202,21 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
         if value is not None and not isinstance(value, bool):
             problems.append(ConfigProblem(key, source, f"expected true or false, got {json.dumps(value)}."))
 
-    cli = {"optimizer": config.optimizer, "lr": config.lr}  # training-config keys that override base
+    # Training-config keys that override base. The schedule keys count only when given (their defaults
+    # would otherwise hide base's values); when nothing sets them, the config's defaults apply.
+    cli = {"optimizer": config.optimizer, "lr": config.lr}
+    cli.update({key: getattr(config, key) for key in SCHEDULE_KEYS if config_origins.get(key, "default") != "default"})
 
     def pick(group: str, key: str, optimizer: str | None = None) -> tuple[Any, str]:
         """The value for one key of one group, and where it came from."""
         candidates = ([(overrides.get(key), f"text_encoder_overrides.{key} in {source}")] if group == "text encoder"
                       else [])
-        default = OPTIMIZERS[optimizer].default_betas if key == "betas" and optimizer else getattr(DEFAULTS, key)
+        if key in SCHEDULE_KEYS:
+            default = getattr(config, key)
+        elif key == "betas" and optimizer:
+            default = OPTIMIZERS[optimizer].default_betas
+        else:
+            default = getattr(DEFAULTS, key)
         candidates += [(cli.get(key), f"{key} in {config_origins.get(key, 'the config')}"),
                        (base.get(key), f"base.{key} in {source}"),
                        (default, "default")]
@@ -211,7 +228,7 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
         picked = {"optimizer": optimizer}
         picked.update({key: pick(group, key, optimizer[0]) for key in APPLIED_SECTION_KEYS[1:]})
         groups[group] = GroupSettings(**{key: value for key, (value, _) in picked.items()})
-        used = ("optimizer", "lr", "weight_decay") + OPTIMIZERS[optimizer[0]].keys
+        used = ("optimizer", "lr", "weight_decay") + OPTIMIZERS[optimizer[0]].keys + SCHEDULE_KEYS
         origins.append(f"{group}: " + ", ".join(f"{key} {value}" + ("" if origin == "default" else f" ({origin})")
                                                  for key, (value, origin) in picked.items()
                                                  if key in used and value is not None))
@@ -228,10 +245,7 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
             groups[group] = dataclasses.replace(groups[group], lr=groups[group].lr * factor)
         origins.append(f"scale_lr: both lrs x {factor:.3f} = (batch_size {config.batch_size} x grad_accum "
                        f"{config.grad_accum})^{LR_SCALE_EXPONENT}")
-    notes = tuple(f"{source}: {name}.{key} has no effect: one lr schedule serves both parts; set it with the "
-                  f"training config's {key}." for name, section in
-                  (("base", base), ("text_encoder_overrides", overrides)) for key in section if key in SCHEDULE_KEYS)
-    notes += tuple(f"{source}: {name}.{key} has no effect with {groups[group].optimizer}." for name, section, group in
+    notes = tuple(f"{source}: {name}.{key} has no effect with {groups[group].optimizer}." for name, section, group in
                    (("base", base, "unet"), ("text_encoder_overrides", overrides, "text encoder")) for key in section
                    if key in EXTRA_KEYS + ADAM_KEYS and key not in OPTIMIZERS[groups[group].optimizer].keys)
     if data.get("text_encoder_lr_scale") is not None:

@@ -37,9 +37,24 @@ def _group(name: str, params: list, settings: GroupSettings) -> dict:
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: str, steps: ScheduleSteps):
-    """diffusers' schedule by name; stepped once per optimizer step by the training loop."""
+    """diffusers' schedule by name, for every group; stepped once per optimizer step by the training loop."""
     name = "constant_with_warmup" if lr_scheduler == "constant" and steps.warmup else lr_scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=steps.warmup, num_training_steps=steps.decay)
+
+
+def build_group_schedules(optimizer: torch.optim.Optimizer,
+                          schedules: dict[str, tuple[str, ScheduleSteps]]) -> torch.optim.lr_scheduler.LambdaLR:
+    """One schedule per named parameter group (EveryDream2's optimizer.json gives the text encoder its own).
+
+    Each group's multiplier is diffusers' schedule of that name, taken from a schedule built on a stand-in
+    optimizer: diffusers' schedules are LambdaLRs, and LambdaLR takes one multiplier per group.
+    """
+    lambdas = []
+    for group in optimizer.param_groups:
+        lr_scheduler, steps = schedules[group["name"]]
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        lambdas.append(build_lr_schedule(stand_in, lr_scheduler, steps).lr_lambdas[0])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncoderFreezing) -> str | None:

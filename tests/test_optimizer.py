@@ -267,9 +267,6 @@ def test_a_different_text_encoder_optimizer_is_reported_with_the_other_problems(
 # =================================================================================================
 
 @pytest.mark.parametrize("data, named", [
-    ({"base": {"lr_scheduler": "cosine"}}, "base.lr_scheduler"),
-    ({"base": {"lr_warmup_steps": 10}}, "base.lr_warmup_steps"),
-    ({"text_encoder_overrides": {"lr_decay_steps": 100}}, "text_encoder_overrides.lr_decay_steps"),
     ({"base": {"momentum": 0.9}}, "base.momentum"),  # adamw takes no momentum
     ({"base": {"optimizer": "lion", "epsilon": 1e-6}}, "base.epsilon"),  # nor does lion an epsilon
     ({"text_encoder_lr_scale": 0.5}, "text_encoder_lr_scale"),
@@ -293,7 +290,8 @@ def test_null_and_all_false_settings_give_no_notes():
 def test_every_noted_key_is_listed():
     data = {"base": {"lr_scheduler": "cosine", "d0": 1e-6}, "text_encoder_overrides": {"momentum": 0.5}}
     notes = "\n".join(resolve(data).notes)
-    for key in ("base.lr_scheduler", "base.d0", "text_encoder_overrides.momentum"):
+    assert "lr_scheduler" not in notes  # applied: each part has its own schedule
+    for key in ("base.d0", "text_encoder_overrides.momentum"):
         assert key in notes
 
 
@@ -629,3 +627,44 @@ def test_log_grad_norm_and_grad_scaler_tweaks_are_read():
 def test_grad_scaler_schedule_follows_everydream2():
     assert [grad_scaler_tweak(step) for step in (1, 499, 500, 1000, 2000, 4000, 4001)] == [
         None, None, (1.8, 100), (1.6, 200), (1.3, 500), (1.15, 2000), None]
+
+
+# =================================================================================================
+# A schedule per part (EveryDream2's optimizer.json: constant UNet, cosine text encoder)
+# =================================================================================================
+
+from optimizer.optimizers import build_group_schedules  # noqa: E402
+
+
+def test_each_part_resolves_its_own_schedule_with_the_one_precedence():
+    data = {"base": {"lr_scheduler": "constant"}, "text_encoder_overrides": {"lr_scheduler": "cosine",
+                                                                              "lr_decay_steps": 500}}
+    settings = resolve(data)
+    assert (settings.unet.lr_scheduler, settings.unet.lr_decay_steps) == ("constant", None)
+    assert (settings.text_encoder.lr_scheduler, settings.text_encoder.lr_decay_steps) == ("cosine", 500)
+    # a training-config key given explicitly beats base, but not the text encoder's override
+    explicit = resolve_optimizer_settings(config(lr_scheduler="linear"), data, SOURCE, {"lr_scheduler": "cli"})
+    assert (explicit.unet.lr_scheduler, explicit.text_encoder.lr_scheduler) == ("linear", "cosine")
+    # the training config's default does not hide base's value
+    assert resolve({"base": {"lr_scheduler": "cosine"}}).unet.lr_scheduler == "cosine"
+    assert resolve({}).unet.lr_scheduler == "constant"
+
+
+def test_bad_schedule_values_in_optimizer_json_are_errors():
+    with pytest.raises(ConfigError) as error:
+        resolve({"base": {"lr_scheduler": "cosine_annealing", "lr_warmup_steps": -1}})
+    assert set(problems_of(error)) == {"base.lr_scheduler", "base.lr_warmup_steps"}
+
+
+def test_group_schedules_follow_each_parts_own_schedule():
+    unet, text = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [unet], "name": "unet", "lr": 0.1},
+                                   {"params": [text], "name": "text encoder", "lr": 0.01}])
+    schedule = build_group_schedules(optimizer, {"unet": ("constant", schedule_steps(100, "constant", 0, 100)),
+                                                 "text encoder": ("cosine", schedule_steps(100, "cosine", 0, 100))})
+    for _ in range(50):
+        optimizer.step()
+        schedule.step()
+    unet_lr, text_lr = (group["lr"] for group in optimizer.param_groups)
+    assert unet_lr == pytest.approx(0.1)
+    assert text_lr == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
