@@ -144,7 +144,12 @@ def _unknown(key: str, known: tuple[str, ...]) -> str:
     return "unknown key." + (f" Did you mean {near[0]!r}?" if near else f" Known keys: {', '.join(known)}.")
 
 
-def _check_section(name: str, section: Any, source: str, problems: list[ConfigProblem]) -> dict[str, Any]:
+def _checked_object(name: str, section: Any, known: tuple[str, ...], value_problem, source: str,
+                    problems: list[ConfigProblem]) -> dict[str, Any]:
+    """The set (non-null) values of one optimizer.json object; unknown keys and bad values go to `problems`.
+
+    `value_problem(key, value)` says what is wrong with a value, or None.
+    """
     if section is None:
         return {}
     if not isinstance(section, dict):
@@ -152,34 +157,61 @@ def _check_section(name: str, section: Any, source: str, problems: list[ConfigPr
         return {}
     checked = {}
     for key, value in section.items():
-        where = f"{name}.{key}"
-        if key not in SECTION_KEYS:
-            problems.append(ConfigProblem(where, source, _unknown(key, SECTION_KEYS)))
-        elif value is None:
-            continue  # null means "not set here"
-        elif key == "optimizer" and value not in OPTIMIZERS:
-            near = difflib.get_close_matches(str(value), list(OPTIMIZERS), n=1)
-            problems.append(ConfigProblem(where, source, f"{value!r} is not one of: {', '.join(OPTIMIZERS)}."
-                                          + (f" Did you mean {near[0]!r}?" if near else "")))
-        elif key in ("lr", "epsilon", "d0", "growth_rate") and (not _is_number(value) or value <= 0):
-            problems.append(ConfigProblem(where, source, f"expected a number above 0, got {json.dumps(value)}."))
-        elif key == "weight_decay" and (not _is_number(value) or value < 0):
-            problems.append(ConfigProblem(where, source, f"expected a number >= 0, got {json.dumps(value)}."))
-        elif key in ("decouple", "safeguard_warmup", "no_prox") and not isinstance(value, bool):
-            problems.append(ConfigProblem(where, source, f"expected true or false, got {json.dumps(value)}."))
-        elif key == "lr_scheduler" and value not in LR_SCHEDULERS:
-            problems.append(ConfigProblem(where, source, f"{value!r} is not one of: {', '.join(LR_SCHEDULERS)}."))
-        elif key in ("lr_warmup_steps", "lr_decay_steps") and not (isinstance(value, int) and not isinstance(
-                value, bool) and value >= 0):
-            problems.append(ConfigProblem(where, source, f"expected a whole number >= 0, got {json.dumps(value)}."))
-        elif key == "momentum" and not (_is_number(value) and 0 <= value < 1):
-            problems.append(ConfigProblem(where, source, f"expected a number in [0, 1), got {json.dumps(value)}."))
-        elif key == "betas" and not (isinstance(value, list) and len(value) == 2
-                                     and all(_is_number(b) and 0 <= b < 1 for b in value)):
-            problems.append(ConfigProblem(where, source, f"expected two numbers in [0, 1), got {json.dumps(value)}."))
-        else:
-            checked[key] = tuple(value) if key == "betas" else value
+        if key not in known:
+            problems.append(ConfigProblem(f"{name}.{key}", source, _unknown(key, known)))
+        elif value is not None:  # null means "not set here"
+            message = value_problem(key, value)
+            if message:
+                problems.append(ConfigProblem(f"{name}.{key}", source, message))
+            else:
+                checked[key] = value
     return checked
+
+
+def _section_value_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a value in `base` or `text_encoder_overrides`."""
+    shown = json.dumps(value)
+    if key == "optimizer" and value not in OPTIMIZERS:
+        near = difflib.get_close_matches(str(value), list(OPTIMIZERS), n=1)
+        return f"{value!r} is not one of: {', '.join(OPTIMIZERS)}." + (f" Did you mean {near[0]!r}?" if near else "")
+    if key in ("lr", "epsilon", "d0", "growth_rate") and (not _is_number(value) or value <= 0):
+        return f"expected a number above 0, got {shown}."
+    if key == "weight_decay" and (not _is_number(value) or value < 0):
+        return f"expected a number >= 0, got {shown}."
+    if key in ("decouple", "safeguard_warmup", "no_prox") and not isinstance(value, bool):
+        return f"expected true or false, got {shown}."
+    if key == "lr_scheduler" and value not in LR_SCHEDULERS:
+        return f"{value!r} is not one of: {', '.join(LR_SCHEDULERS)}."
+    if key in ("lr_warmup_steps", "lr_decay_steps") and not (_is_whole(value) and value >= 0):
+        return f"expected a whole number >= 0, got {shown}."
+    if key == "momentum" and not (_is_number(value) and 0 <= value < 1):
+        return f"expected a number in [0, 1), got {shown}."
+    if key == "betas" and not (isinstance(value, list) and len(value) == 2
+                               and all(_is_number(b) and 0 <= b < 1 for b in value)):
+        return f"expected two numbers in [0, 1), got {shown}."
+    return None
+
+
+def _freezing_value_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a value in `text_encoder_freezing`."""
+    shown = json.dumps(value)
+    if key in ("freeze_embeddings", "freeze_final_layer_norm") and not isinstance(value, bool):
+        return f"expected true or false, got {shown}."
+    if key == "unfreeze_last_n_layers" and not (_is_whole(value) and value > 0):
+        return (f"expected a whole number above 0, got {shown} (to freeze the whole text encoder, set "
+                "disable_textenc_training).")
+    if key == "freeze_front_n_layers" and not _is_whole(value):
+        return f"expected a whole number, got {shown}."
+    return None
+
+
+def _check_section(name: str, section: Any, source: str, problems: list[ConfigProblem]) -> dict[str, Any]:
+    checked = _checked_object(name, section, SECTION_KEYS, _section_value_problem, source, problems)
+    return {key: tuple(value) if key == "betas" else value for key, value in checked.items()}
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -257,28 +289,8 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
 
 def _freezing(section: Any, source: str, problems: list[ConfigProblem]) -> TextEncoderFreezing:
     """text_encoder_freezing checked; the deprecated freeze_front_n_layers mapped as EveryDream2 reads it."""
-    if section is None:
-        return TextEncoderFreezing()
-    if not isinstance(section, dict):
-        problems.append(ConfigProblem("text_encoder_freezing", source, "must be a JSON object."))
-        return TextEncoderFreezing()
-    values = {}
-    for key, value in section.items():
-        where = f"text_encoder_freezing.{key}"
-        if key not in FREEZING_KEYS:
-            problems.append(ConfigProblem(where, source, _unknown(key, FREEZING_KEYS)))
-        elif value is None:
-            continue
-        elif key in ("freeze_embeddings", "freeze_final_layer_norm") and not isinstance(value, bool):
-            problems.append(ConfigProblem(where, source, f"expected true or false, got {json.dumps(value)}."))
-        elif key == "unfreeze_last_n_layers" and not (isinstance(value, int) and not isinstance(value, bool)
-                                                      and value > 0):
-            problems.append(ConfigProblem(where, source, f"expected a whole number above 0, got {json.dumps(value)} "
-                                          "(to freeze the whole text encoder, set disable_textenc_training)."))
-        elif key == "freeze_front_n_layers" and not (isinstance(value, int) and not isinstance(value, bool)):
-            problems.append(ConfigProblem(where, source, f"expected a whole number, got {json.dumps(value)}."))
-        else:
-            values[key] = value
+    values = _checked_object("text_encoder_freezing", section, FREEZING_KEYS, _freezing_value_problem, source,
+                             problems)
     front = values.pop("freeze_front_n_layers", None)
     if front is not None and "unfreeze_last_n_layers" in values:
         problems.append(ConfigProblem("text_encoder_freezing.freeze_front_n_layers", source,

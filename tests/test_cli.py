@@ -47,15 +47,20 @@ def test_a_bad_config_fails_with_every_problem_before_torch_is_imported(tmp_path
     assert not (tmp_path / "logs").exists()  # no run folder for a run that never started
 
 
-def test_a_folder_without_images_fails_before_any_model_loads(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "notes.txt").write_text("not an image")
+def train_on_images_reporting_torch(tmp_path):
+    """train.main on tmp_path/images with the tiny model, in a fresh process that says whether torch loaded."""
     script = ("import sys, train\n"
               f"code = train.main(['--resume_ckpt', 'builtin:tiny', '--data_root', {str(tmp_path / 'images')!r},"
               f" '--logdir', {str(tmp_path / 'logs')!r}])\n"
               "print('torch imported:', 'torch' in sys.modules)\n"
               "sys.exit(code)\n")
-    result = run("-c", script)
+    return run("-c", script)
+
+
+def test_a_folder_without_images_fails_before_any_model_loads(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    result = train_on_images_reporting_torch(tmp_path)
     assert result.returncode == 2
     assert "holds no usable images" in result.stderr
     assert "torch imported: False" in result.stdout
@@ -68,12 +73,7 @@ def test_a_data_set_where_every_multiply_is_0_fails_before_any_model_loads(tmp_p
     (tmp_path / "images").mkdir()
     Image.new("RGB", (256, 256), "red").save(tmp_path / "images" / "a red square.png")
     (tmp_path / "images" / "multiply.txt").write_text("0")
-    script = ("import sys, train\n"
-              f"code = train.main(['--resume_ckpt', 'builtin:tiny', '--data_root', {str(tmp_path / 'images')!r},"
-              f" '--logdir', {str(tmp_path / 'logs')!r}])\n"
-              "print('torch imported:', 'torch' in sys.modules)\n"
-              "sys.exit(code)\n")
-    result = run("-c", script)
+    result = train_on_images_reporting_torch(tmp_path)
     assert result.returncode == 2
     assert "every one has multiply: 0" in result.stderr
     assert "torch imported: False" in result.stdout

@@ -76,7 +76,7 @@ def test_run_folder_has_events_log_and_resolved_config(runs):
     assert config["resume_ckpt"] == "builtin:tiny" and config["resolution"] == 256 and config["max_epochs"] == EPOCHS
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["origins"]["max_epochs"] == "command line" and info["config_file"] == "train.json"
-    assert any(line.startswith("lr_decay_steps =") for line in info["derived"])
+    assert any(line.startswith("unet: lr_decay_steps =") for line in info["derived"])
     assert any(line.startswith("mixed precision = no (CPU trains in fp32)") for line in info["derived"])
 
 
