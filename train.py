@@ -129,12 +129,22 @@ def plan_run(argv: list[str]) -> RunPlan:
     total_steps = sum(math.ceil(count / config.grad_accum) for count in per_epoch)
     schedule = {part: schedule_steps(total_steps, group.lr_scheduler, group.lr_warmup_steps, group.lr_decay_steps)
                 for part, group in (("unet", optimizer_settings.unet), ("text encoder", optimizer_settings.text_encoder))}
+    for part, group in (("unet", optimizer_settings.unet), ("text encoder", optimizer_settings.text_encoder)):
+        if group.lr_scheduler != "constant" and schedule[part].warmup >= schedule[part].decay:
+            problems.append(ConfigProblem("lr_warmup_steps", loaded.origins["lr_warmup_steps"], (
+                f"the {part}'s warmup ({schedule[part].warmup} steps) is not shorter than its decay "
+                f"({schedule[part].decay} steps), so the {group.lr_scheduler} schedule would never decay.")))
+    if problems:
+        raise ConfigError(problems)
     derived += list(optimizer_settings.origins) + [f"{part}: {steps.origin}" for part, steps in schedule.items()]
     ema_decay = None
     if config.ema_decay_rate is not None or config.ema_strength_target is not None:
         updates = total_steps // config.ema_update_interval
         ema_decay, origin = resolve_ema_decay(config.ema_decay_rate, config.ema_strength_target, updates)
         derived.append(f"ema decay = {ema_decay:.6g} ({origin}; {updates} updates in the run)")
+        if not updates:
+            loaded.notes.append(f"ema_update_interval: {config.ema_update_interval} optimizer steps is longer than "
+                                f"the run ({total_steps} steps): the EMA will never be updated.")
     return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay)
 
 
@@ -248,12 +258,19 @@ def load_trainee(plan: RunPlan, accelerator) -> Trainee:
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if train_te:  # transformers 5 renamed the method; the old name still works, with a warning
-            enable = (getattr(model.text_encoder, "activation_checkpointing_enable", None)
-                      or model.text_encoder.gradient_checkpointing_enable)
-            enable()
-    noise_scheduler = training_noise_scheduler(model, config.train_sampler, config.enable_zero_terminal_snr)
+            # Non-reentrant checkpointing passes gradients to later layers even when the embeddings are frozen
+            # (text_encoder_freezing); the reentrant kind, transformers 4's default, would stop them there.
+            new_name = getattr(model.text_encoder, "activation_checkpointing_enable", None)
+            if new_name:
+                new_name(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    noise_scheduler = training_noise_scheduler(model, config.enable_zero_terminal_snr)
     if config.enable_zero_terminal_snr:  # checkpoints must sample with the schedule they were trained on
         model.scheduler = zero_terminal_snr_inference_scheduler(model)
+    elif model.scheduler.config.get("rescale_betas_zero_snr"):
+        log.warning("note: %s was trained with zero-terminal SNR and this run trains without it; set "
+                    "enable_zero_terminal_snr: true to keep it", config.resume_ckpt)
     alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
     trainee = Trainee(model, model.unet, model.text_encoder, train_unet, train_te, alphas)
     if plan.ema_decay is not None:
@@ -271,7 +288,7 @@ def start_ema(plan: RunPlan, trainee: Trainee, accelerator):
     ema = EMA(modules, plan.ema_decay, device)
     source = "the model being trained"
     if config.ema_resume_model:
-        saved = load_saved_ema(config.ema_resume_model, trainee.model)
+        saved = load_saved_ema(config.ema_resume_model)
         taken = {part: ema.load(part, saved[part]) for part in modules if part in saved}
         source = f"{config.ema_resume_model} ({', '.join(f'{part}: {n} weights' for part, n in taken.items())})"
     plan.derived.append(f"EMA on {device}, decay {plan.ema_decay:.6g} every {config.ema_update_interval} optimizer "
@@ -386,8 +403,13 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
     norms = {}
     if config.clip_grad_norm or settings.log_grad_norm:
         accelerator.unscale_gradients()  # fp16: measure and clip the true gradients (once per step)
-        limit = config.clip_grad_norm or math.inf
-        norms = {name: torch.nn.utils.clip_grad_norm_(params, limit) for name, params in parts.items() if params}
+        for name, params in parts.items():
+            if not params:
+                continue
+            if config.clip_grad_norm:
+                norms[name] = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+            else:
+                norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
         schedule.step()
@@ -432,8 +454,10 @@ def periodic_save_due(plan: RunPlan, state, end_of_epoch: bool) -> bool:
 
 def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accelerator, prefix: str = "") -> None:
     """A diffusers folder in <run>/ckpts/ and, unless no_save_ckpt, a single-file .safetensors."""
+    import functools
+
     from utils.checkpoint import checkpoint_name, save_pipeline
-    from utils.ema import EMA_FOLDER
+    from utils.ema import EMA_FOLDER, save_ema_into
     from utils.single_file import save_single_file
 
     accelerator.wait_for_everyone()
@@ -446,7 +470,7 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
                                             requires_safety_checker=False)
     record = {**state.to_dict(), "family": model.family.name, "base_model": model.source}
     ema, modules = trainee.ema, trainee.trained_modules()
-    write_ema = (lambda folder: ema.save(os.path.join(folder, EMA_FOLDER), modules)) if ema else None
+    write_ema = functools.partial(save_ema_into, ema, modules) if ema else None
     folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, to_json_dict(config), write_ema)
     log.info("saved %s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if ema else "")
     if config.no_save_ckpt:

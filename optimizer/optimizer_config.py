@@ -26,23 +26,32 @@ LR_SCALE_EXPONENT = 0.55  # scale_lr: lr x (batch_size x grad_accum)^0.55, as Ev
 class OptimizerKind:
     """What an optimizer needs: the package that provides it and the optimizer.json keys it takes."""
 
-    package: str | None  # module to import (None: torch itself)
+    package: str | None  # the package to install (None: torch itself)
+    class_path: str  # module.Class that builds it
     keys: tuple[str, ...]  # besides lr and weight_decay
     default_betas: tuple[float, float] = (0.9, 0.999)
+    adaptive: bool = False  # finds its own step size, one estimate for all parameter groups (lr about 1.0)
 
 
 ADAM_KEYS = ("betas", "epsilon")
+LION_BETAS = (0.9, 0.99)  # Lion's paper
 OPTIMIZERS = {
-    "adamw": OptimizerKind(None, ADAM_KEYS),
-    "adamw8bit": OptimizerKind("bitsandbytes", ADAM_KEYS),
-    "lion": OptimizerKind("bitsandbytes", ("betas",), (0.9, 0.99)),  # Lion's paper: beta2 0.99
-    "lion8bit": OptimizerKind("bitsandbytes", ("betas",), (0.9, 0.99)),
-    "prodigy": OptimizerKind("prodigyopt", ("betas", "epsilon", "d0", "decouple", "safeguard_warmup", "growth_rate")),
-    "dadapt_adam": OptimizerKind("dadaptation", ("betas", "epsilon", "d0", "decouple", "growth_rate")),
-    "dadapt_lion": OptimizerKind("dadaptation", ("betas", "d0"), (0.9, 0.99)),
-    "dadapt_sgd": OptimizerKind("dadaptation", ("momentum", "d0", "growth_rate")),
-    "dadapt_adan": OptimizerKind("dadaptation", ("epsilon", "d0", "growth_rate", "no_prox")),  # Adan: 3 betas
+    "adamw": OptimizerKind(None, "torch.optim.AdamW", ADAM_KEYS),
+    "adamw8bit": OptimizerKind("bitsandbytes", "bitsandbytes.optim.AdamW8bit", ADAM_KEYS),
+    "lion": OptimizerKind("bitsandbytes", "bitsandbytes.optim.Lion", ("betas",), LION_BETAS),
+    "lion8bit": OptimizerKind("bitsandbytes", "bitsandbytes.optim.Lion8bit", ("betas",), LION_BETAS),
+    "prodigy": OptimizerKind("prodigyopt", "prodigyopt.Prodigy",
+                             ("betas", "epsilon", "d0", "decouple", "safeguard_warmup", "growth_rate"), adaptive=True),
+    "dadapt_adam": OptimizerKind("dadaptation", "dadaptation.DAdaptAdam",
+                                 ("betas", "epsilon", "d0", "decouple", "growth_rate"), adaptive=True),
+    "dadapt_lion": OptimizerKind("dadaptation", "dadaptation.DAdaptLion", ("betas", "d0"), LION_BETAS, adaptive=True),
+    "dadapt_sgd": OptimizerKind("dadaptation", "dadaptation.DAdaptSGD", ("momentum", "d0", "growth_rate"),
+                                adaptive=True),
+    "dadapt_adan": OptimizerKind("dadaptation", "dadaptation.DAdaptAdan", ("epsilon", "d0", "growth_rate", "no_prox"),
+                                 adaptive=True),  # Adan's three betas keep their defaults
 }
+# An adaptive optimizer keeps one step-size estimate for all groups: these must match between the parts.
+SHARED_BY_ADAPTIVE = ("lr", "betas", "d0", "growth_rate", "lr_scheduler", "lr_warmup_steps", "lr_decay_steps")
 assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES  # the config's choices
 
 TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezing", "text_encoder_lr_scale",
@@ -50,8 +59,7 @@ TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezin
 SCHEDULE_KEYS = ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps")  # each group has its own schedule
 LR_SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 EXTRA_KEYS = ("d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
-APPLIED_SECTION_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay") + EXTRA_KEYS + SCHEDULE_KEYS
-SECTION_KEYS = ("optimizer", "lr") + SCHEDULE_KEYS + ("betas", "epsilon", "weight_decay") + EXTRA_KEYS
+SECTION_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay") + EXTRA_KEYS + SCHEDULE_KEYS
 FREEZING_KEYS = ("unfreeze_last_n_layers", "freeze_embeddings", "freeze_final_layer_norm", "freeze_front_n_layers")
 
 
@@ -258,7 +266,7 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
     for group in ("unet", "text encoder"):
         optimizer = pick(group, "optimizer")
         picked = {"optimizer": optimizer}
-        picked.update({key: pick(group, key, optimizer[0]) for key in APPLIED_SECTION_KEYS[1:]})
+        picked.update({key: pick(group, key, optimizer[0]) for key in SECTION_KEYS[1:]})
         groups[group] = GroupSettings(**{key: value for key, (value, _) in picked.items()})
         used = ("optimizer", "lr", "weight_decay") + OPTIMIZERS[optimizer[0]].keys + SCHEDULE_KEYS
         origins.append(f"{group}: " + ", ".join(f"{key} {value}" + ("" if origin == "default" else f" ({origin})")
@@ -269,6 +277,14 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
                                       "a different optimizer for the text encoder is not supported: set it to null "
                                       "or to the UNet's optimizer (the two parts are groups of one optimizer, each "
                                       "with its own lr, betas, epsilon and weight decay)."))
+    unet, text = groups["unet"], groups["text encoder"]
+    if OPTIMIZERS[unet.optimizer].adaptive and unet.optimizer == text.optimizer:
+        for key in SHARED_BY_ADAPTIVE:
+            if getattr(unet, key) != getattr(text, key):
+                problems.append(ConfigProblem(f"text_encoder_overrides.{key}", source, (
+                    f"{unet.optimizer} keeps one step-size estimate for the UNet and the text encoder, so they need "
+                    f"the same {key} ({getattr(unet, key)} vs {getattr(text, key)}): set it only in base, or use "
+                    "another optimizer.")))
     if problems:  # every problem of the file at once; invalid values were left out of the groups above
         raise ConfigError(problems)
     if config.scale_lr:
@@ -280,6 +296,9 @@ def resolve_optimizer_settings(config: TrainConfig, data: dict[str, Any], source
     notes = tuple(f"{source}: {name}.{key} has no effect with {groups[group].optimizer}." for name, section, group in
                    (("base", base, "unet"), ("text_encoder_overrides", overrides, "text encoder")) for key in section
                    if key in EXTRA_KEYS + ADAM_KEYS and key not in OPTIMIZERS[groups[group].optimizer].keys)
+    if OPTIMIZERS[unet.optimizer].adaptive and unet.lr < 0.1:
+        notes += (f"{source}: {unet.optimizer} finds its own step size and lr scales it: lr {unet.lr:g} will "
+                  "barely train; about 1.0 is usual.",)
     if data.get("text_encoder_lr_scale") is not None:
         notes += (f"{source}: text_encoder_lr_scale has no effect (it never had in EveryDream2): set "
                   "text_encoder_overrides.lr.",)

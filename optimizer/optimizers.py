@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 from diffusers.optimization import get_scheduler
 
-from optimizer.optimizer_config import GroupSettings, OptimizerSettings, ScheduleSteps, TextEncoderFreezing
-
-# name -> (module, class). The package was checked when the plan was made (optimizer_config.OPTIMIZERS).
-OPTIMIZER_CLASSES = {
-    "adamw": ("torch.optim", "AdamW"),
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit"),
-    "lion": ("bitsandbytes.optim", "Lion"),
-    "lion8bit": ("bitsandbytes.optim", "Lion8bit"),
-    "prodigy": ("prodigyopt", "Prodigy"),
-    "dadapt_adam": ("dadaptation", "DAdaptAdam"),
-    "dadapt_lion": ("dadaptation", "DAdaptLion"),
-    "dadapt_sgd": ("dadaptation", "DAdaptSGD"),
-    "dadapt_adan": ("dadaptation", "DAdaptAdan"),
-}
-
+from optimizer.optimizer_config import OPTIMIZERS, GroupSettings, OptimizerSettings, ScheduleSteps, TextEncoderFreezing
 
 def build_optimizer(settings: OptimizerSettings, parameters: dict[str, list]) -> torch.optim.Optimizer:
     """One optimizer with a named parameter group per trained part ("unet", "text encoder"), each group with
     its own lr, betas, epsilon and weight decay."""
     by_part = {"unet": settings.unet, "text encoder": settings.text_encoder}
     groups = [_group(name, params, by_part[name]) for name, params in parameters.items()]
-    module, name = OPTIMIZER_CLASSES[settings.unet.optimizer]
+    module, name = OPTIMIZERS[settings.unet.optimizer].class_path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)(groups)
 
 
@@ -47,14 +34,21 @@ def build_group_schedules(optimizer: torch.optim.Optimizer,
     """One schedule per named parameter group (EveryDream2's optimizer.json gives the text encoder its own).
 
     Each group's multiplier is diffusers' schedule of that name, taken from a schedule built on a stand-in
-    optimizer: diffusers' schedules are LambdaLRs, and LambdaLR takes one multiplier per group.
+    optimizer with the group's own lr (diffusers' polynomial decay depends on it): diffusers' schedules are
+    LambdaLRs, and LambdaLR takes one multiplier per group. Past lr_decay_steps the multiplier stays where
+    the decay ended (diffusers' cosine would rise again).
     """
     lambdas = []
     for group in optimizer.param_groups:
         lr_scheduler, steps = schedules[group["name"]]
-        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        lambdas.append(build_lr_schedule(stand_in, lr_scheduler, steps).lr_lambdas[0])
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=group["lr"])
+        multiplier = build_lr_schedule(stand_in, lr_scheduler, steps).lr_lambdas[0]
+        lambdas.append(functools.partial(_held_after, multiplier, steps.decay))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _held_after(multiplier, last_step: int, step: int) -> float:
+    return multiplier(min(step, last_step))
 
 
 def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncoderFreezing) -> str | None:

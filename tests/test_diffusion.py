@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from utils.diffusion import (add_noise, mse_loss, sample_noise, sample_timesteps, step_generator, training_target,
+from utils.diffusion import (add_noise, sample_noise, sample_timesteps, step_generator, training_target,
                              velocity)
 
 CPU = torch.device("cpu")
@@ -148,6 +148,13 @@ def test_offset_noise_is_one_constant_per_image_and_channel(ratio):
     assert residual.var().item() == pytest.approx(1 - 1 / (height * width), rel=0.05)
 
 
+def mse_loss(prediction, target):
+    """The batch loss as train_step computes it for loss_type mse and no weights."""
+    from utils.diffusion import per_sample_loss, weighted_mean
+
+    return weighted_mean(per_sample_loss(prediction, target, "mse"))
+
+
 def test_mse_loss_is_the_mean_squared_error():
     g = torch.Generator().manual_seed(3)
     prediction, target = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g)
@@ -263,9 +270,13 @@ def test_zero_terminal_snr_rescales_the_training_schedule_and_the_saved_sampler(
     from utils.tiny_model import tiny_scheduler
 
     model = SDModel(None, None, None, None, tiny_scheduler(), SD1, "test")
-    plain = training_noise_scheduler(model, "ddpm").alphas_cumprod
-    rescaled = training_noise_scheduler(model, "pndm", zero_terminal_snr=True).alphas_cumprod
+    plain = training_noise_scheduler(model).alphas_cumprod
+    rescaled = training_noise_scheduler(model, zero_terminal_snr=True).alphas_cumprod
     assert plain[-1] > 1e-3 and rescaled[-1] < 1e-6  # the last timestep is (nearly exactly) pure noise
     assert rescaled[0] == pytest.approx(plain[0].item(), rel=1e-3)  # the first stays where it was
     sampler = zero_terminal_snr_inference_scheduler(model)
     assert sampler.config.rescale_betas_zero_snr and sampler.config.timestep_spacing == "trailing"
+    assert not sampler.config.clip_sample and not sampler.config.set_alpha_to_one
+    # a model saved that way trains without the rescaling when the next session does not ask for it
+    saved = SDModel(None, None, None, None, sampler, SD1, "saved")
+    assert training_noise_scheduler(saved).alphas_cumprod[-1] > 1e-3

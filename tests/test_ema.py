@@ -58,7 +58,7 @@ def test_saved_averages_load_back_for_ema_resume_model(tmp_path):
     ema.update(modules)
     ema.save(str(tmp_path / "ckpt" / "ema"), modules)
     fresh = EMA(tiny_modules(), decay=0.5, device="cpu")
-    saved = load_saved_ema(str(tmp_path / "ckpt"), None)  # a checkpoint folder: its ema/ is found
+    saved = load_saved_ema(str(tmp_path / "ckpt"))  # a checkpoint folder: its ema/ is found
     for part, averages in ema.averages.items():
         assert fresh.load(part, saved[part]) == len(averages)
         for name, value in averages.items():
@@ -73,7 +73,7 @@ def test_loading_an_ema_of_another_model_is_an_error():
 
 def test_a_folder_without_ema_weights_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no unet/ or text_encoder/"):
-        load_saved_ema(str(tmp_path), None)
+        load_saved_ema(str(tmp_path))
 
 
 @pytest.mark.parametrize("target, updates", [(0.1, 20), (0.5, 1), (0.01, 300)])

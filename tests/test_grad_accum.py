@@ -127,3 +127,40 @@ def test_training_lowers_the_loss_on_fixed_noise_and_timesteps(samples, monkeypa
         after = per_sample_noise_step(trainee, samples, None, 0, None).item()
     assert state.optimizer_step == 15
     assert after < 0.7 * before, (before, after)
+
+
+# =================================================================================================
+# Frozen parts, through the real train_step
+# =================================================================================================
+
+@pytest.mark.parametrize("train_unet, train_text_encoder", [(True, False), (False, True)])
+def test_a_frozen_part_gets_no_gradient_no_graph_and_no_optimizer_state(samples, train_unet, train_text_encoder):
+    """disable_textenc_training / disable_unet_training: the frozen module has requires_grad off, so the
+    real train_step builds no graph through it and it never enters the optimizer."""
+    from accelerate import Accelerator
+
+    from utils.config import TrainConfig
+    from utils.model_family import SD1
+    from utils.models import SDModel
+
+    torch.manual_seed(0)
+    model = SDModel(**build_tiny_components(), family=SD1, source="test")
+    for module, trained in ((model.unet, train_unet), (model.text_encoder, train_text_encoder), (model.vae, False)):
+        module.requires_grad_(trained)
+    trainee = train.Trainee(model, model.unet, model.text_encoder, train_unet, train_text_encoder,
+                            model.scheduler.alphas_cumprod)
+    parts = trainee.trained_parts()
+    optimizer = torch.optim.AdamW([p for m in parts.values() for p in m.parameters()], lr=1e-3)
+    config = TrainConfig(resume_ckpt="builtin:tiny", cond_dropout=0.0)
+    loss = train.train_step(trainee, samples, config, 0, Accelerator(cpu=True))
+    loss.backward()
+    optimizer.step()
+    frozen = model.text_encoder if train_unet else model.unet
+    trained = model.unet if train_unet else model.text_encoder
+    assert all(p.grad is None for p in frozen.parameters())
+    assert all(p.grad is not None for p in trained.parameters() if p.requires_grad)
+    assert not any(p in optimizer.state for p in frozen.parameters())
+    if not train_text_encoder:  # no graph at all through the text encoder: its output needs no gradient
+        with torch.set_grad_enabled(True):
+            hidden = model.family.encode(model.text_encoder, samples["input_ids"]).hidden_states
+        assert not hidden.requires_grad

@@ -506,14 +506,19 @@ def test_adamw8bit_is_bitsandbytes_and_keeps_uint8_state_on_cpu():
 # =================================================================================================
 
 from optimizer.optimizer_config import OPTIMIZERS, TextEncoderFreezing, grad_scaler_tweak  # noqa: E402
-from optimizer.optimizers import OPTIMIZER_CLASSES, freeze_text_encoder_parts  # noqa: E402
+from optimizer.optimizers import freeze_text_encoder_parts  # noqa: E402
 from utils.model_family import clip_text_transformer  # noqa: E402
 
 
 def test_every_optimizer_name_has_a_class_and_the_config_offers_exactly_these():
     from utils.config import FIELDS
 
-    assert set(OPTIMIZER_CLASSES) == set(OPTIMIZERS) == set(FIELDS["optimizer"].metadata["choices"])
+    import importlib
+
+    assert set(OPTIMIZERS) == set(FIELDS["optimizer"].metadata["choices"])
+    for kind in OPTIMIZERS.values():
+        module, name = kind.class_path.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), name), kind.class_path
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -525,7 +530,7 @@ def test_every_optimizer_builds_with_its_settings_and_steps(name):
                         "text_encoder_overrides": {"weight_decay": 0.0}})
     unet_params, te_params = [torch.nn.Parameter(torch.randn(64, 64))], [torch.nn.Parameter(torch.randn(64, 64))]
     optimizer = build_optimizer(settings, {"unet": unet_params, "text encoder": te_params})
-    assert type(optimizer).__name__ == OPTIMIZER_CLASSES[name][1]
+    assert type(optimizer).__name__ == OPTIMIZERS[name].class_path.rsplit(".", 1)[1]
     unet_group, te_group = optimizer.param_groups
     assert (unet_group["name"], te_group["name"]) == ("unet", "text encoder")
     assert unet_group["weight_decay"] == 0.01 and te_group["weight_decay"] == 0.0
@@ -668,3 +673,40 @@ def test_group_schedules_follow_each_parts_own_schedule():
     unet_lr, text_lr = (group["lr"] for group in optimizer.param_groups)
     assert unet_lr == pytest.approx(0.1)
     assert text_lr == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
+
+
+@pytest.mark.parametrize("override", [{"lr": 0.5}, {"lr_scheduler": "cosine"}, {"betas": [0.8, 0.9]}, {"d0": 1e-4}])
+def test_adaptive_optimizers_need_the_same_step_settings_for_both_parts(override):
+    """Prodigy and D-Adaptation keep one step-size estimate: they refuse different lrs across groups (at
+    their first step) and read betas/d0/growth_rate from the first group only, so a difference is an error."""
+    with pytest.raises(ConfigError) as error:
+        resolve({"base": {"optimizer": "prodigy", "lr": 1.0}, "text_encoder_overrides": override})
+    (key,) = problems_of(error)
+    assert key == f"text_encoder_overrides.{next(iter(override))}" and "one step-size estimate" in \
+        problems_of(error)[key]
+
+
+def test_an_adaptive_optimizer_with_a_tiny_lr_is_noted():
+    assert any("about 1.0 is usual" in note for note in resolve({"base": {"optimizer": "dadapt_adam"}}).notes)
+    assert not any("about 1.0" in note for note in resolve({"base": {"optimizer": "dadapt_adam", "lr": 1.0}}).notes)
+
+
+def test_polynomial_decay_through_the_training_path_ends_at_lr_end_and_cosine_holds_after_decay():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [param], "name": "unet", "lr": 1e-4}])
+    schedule = build_group_schedules(optimizer, {"unet": ("polynomial", schedule_steps(40, "polynomial", 0, 40))})
+    lrs = []
+    for _ in range(60):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[20] == pytest.approx((1e-4 - 1e-7) * 0.5 + 1e-7)
+    assert lrs[40] == pytest.approx(1e-7) and lrs[59] == pytest.approx(1e-7)
+    optimizer = torch.optim.AdamW([{"params": [param], "name": "unet", "lr": 1.0}])
+    schedule = build_group_schedules(optimizer, {"unet": ("cosine", schedule_steps(10, "cosine", 0, 10))})
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12) and max(lrs[10:]) == pytest.approx(0.0, abs=1e-12)

@@ -6,6 +6,8 @@ numbers from an explicit generator, so a step is reproducible from (seed, step) 
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 
@@ -57,8 +59,8 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, discount: flo
     from the full size (EveryDream2 shrank an already shrunk size, so only 2-3 levels were ever used).
     """
     batch, channels, height, width = noise.shape
-    low, high = PYRAMID_SHRINK
-    shrink = low + (high - low) * torch.rand((), generator=generator, device=noise.device).item()
+    # Drawn on the CPU from the step's seed: reading a number drawn on the GPU would wait for the GPU.
+    shrink = random.Random(generator.initial_seed()).uniform(*PYRAMID_SHRINK)
     result, level = noise.clone(), 1
     while True:
         size = (max(1, int(height / shrink**level)), max(1, int(width / shrink**level)))
@@ -162,11 +164,6 @@ def weighted_mean(per_sample: torch.Tensor, *weights: torch.Tensor | None) -> to
         if weight is not None:
             per_sample = per_sample * weight.to(per_sample.device, torch.float32)
     return per_sample.mean()
-
-
-def mse_loss(prediction: torch.Tensor, target: torch.Tensor, loss_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error in fp32; `loss_scale` weights each sample's mean error (all ones: the plain mean)."""
-    return weighted_mean(per_sample_loss(prediction, target), loss_scale)
 
 
 def perturb_embeddings(hidden_states: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:

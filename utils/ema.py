@@ -33,7 +33,8 @@ class EMA:
             averages = self.averages[part]
             for name, parameter in module.named_parameters():
                 if name in averages:
-                    weights = parameter.detach().to(self.device, torch.float32, non_blocking=True)
+                    # A blocking copy: a non-blocking GPU-to-CPU copy would still be in flight when lerp_ reads it.
+                    weights = parameter.detach().to(self.device, torch.float32)
                     averages[name].lerp_(weights, 1.0 - self.decay)
 
     def load(self, part: str, state_dict: dict[str, torch.Tensor]) -> int:
@@ -72,7 +73,12 @@ class EMA:
                 save_file(state_dict, os.path.join(target, "diffusion_pytorch_model.safetensors"))
 
 
-def load_saved_ema(folder: str, model) -> dict[str, dict[str, torch.Tensor]]:
+def save_ema_into(ema: EMA, modules: dict[str, torch.nn.Module], checkpoint_folder: str) -> None:
+    """The EMA weights in `checkpoint_folder/ema/` (save_pipeline calls this before its atomic rename)."""
+    ema.save(os.path.join(checkpoint_folder, EMA_FOLDER), modules)
+
+
+def load_saved_ema(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     """The weights in an EMA folder (ours, a checkpoint holding one, or EveryDream2's `_ema` pipeline folder)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel

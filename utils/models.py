@@ -18,7 +18,6 @@ from utils.config import BUILTIN_TINY, FINDLAST, resume_ckpt_problem
 from utils.model_family import SD1, ModelFamily, UnsupportedModel, detect_family
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # as StableDiffusionPipeline names them
-TRAIN_SAMPLERS = {"ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
 
 
 class ModelLoadError(Exception):
@@ -137,18 +136,17 @@ def _download(repo_id: str) -> str:
         raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {str(error).splitlines()[0]}") from None
 
 
-def training_noise_scheduler(model: SDModel, train_sampler: str, zero_terminal_snr: bool = False):
-    """The scheduler that adds noise in training: the chosen class over the model's own betas.
+def training_noise_scheduler(model: SDModel, zero_terminal_snr: bool = False):
+    """The scheduler whose ᾱ_t add noise in training: DDPM over the model's own betas.
 
-    With zero_terminal_snr the betas are rescaled so that the last timestep is pure noise (Lin et al. 2023,
-    arXiv 2305.08891), by diffusers' own rescaling; PNDM has no such option, and all three share the
-    forward process, so DDPM stands in for it.
+    EveryDream2's train_sampler (ddpm, pndm, ddim) names schedulers that share this forward process, so
+    DDPM serves all three. The zero-terminal-SNR rescaling (Lin et al. 2023, arXiv 2305.08891, done by
+    diffusers) is set explicitly either way, so a model saved by a zero-terminal-SNR session does not carry
+    it silently into the next one.
     """
     import diffusers
 
-    if zero_terminal_snr:
-        return diffusers.DDPMScheduler.from_config(model.scheduler.config, rescale_betas_zero_snr=True)
-    return getattr(diffusers, TRAIN_SAMPLERS[train_sampler]).from_config(model.scheduler.config)
+    return diffusers.DDPMScheduler.from_config(model.scheduler.config, rescale_betas_zero_snr=zero_terminal_snr)
 
 
 def zero_terminal_snr_inference_scheduler(model: SDModel):
@@ -157,7 +155,7 @@ def zero_terminal_snr_inference_scheduler(model: SDModel):
     import diffusers
 
     return diffusers.DDIMScheduler.from_config(model.scheduler.config, rescale_betas_zero_snr=True,
-                                               timestep_spacing="trailing")
+                                               timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
 
 
 def load_tokenizer(resume_ckpt: str):
