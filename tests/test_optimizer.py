@@ -691,22 +691,24 @@ def test_an_adaptive_optimizer_with_a_tiny_lr_is_noted():
     assert not any("about 1.0" in note for note in resolve({"base": {"optimizer": "dadapt_adam", "lr": 1.0}}).notes)
 
 
+def stepped_lrs(optimizer, schedule, steps: int) -> list[float]:
+    """The first group's lr in effect at optimizer steps 0..steps-1."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
 def test_polynomial_decay_through_the_training_path_ends_at_lr_end_and_cosine_holds_after_decay():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([{"params": [param], "name": "unet", "lr": 1e-4}])
     schedule = build_group_schedules(optimizer, {"unet": ("polynomial", schedule_steps(40, "polynomial", 0, 40))})
-    lrs = []
-    for _ in range(60):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    lrs = stepped_lrs(optimizer, schedule, 60)
     assert lrs[20] == pytest.approx((1e-4 - 1e-7) * 0.5 + 1e-7)
     assert lrs[40] == pytest.approx(1e-7) and lrs[59] == pytest.approx(1e-7)
     optimizer = torch.optim.AdamW([{"params": [param], "name": "unet", "lr": 1.0}])
     schedule = build_group_schedules(optimizer, {"unet": ("cosine", schedule_steps(10, "cosine", 0, 10))})
-    lrs = []
-    for _ in range(20):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    lrs = stepped_lrs(optimizer, schedule, 20)
     assert lrs[10] == pytest.approx(0.0, abs=1e-12) and max(lrs[10:]) == pytest.approx(0.0, abs=1e-12)
