@@ -369,7 +369,8 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
     Returns the batch's loss (None if none of its images could be read) and, when the optimizer stepped and
     they were measured, the gradient norms per part. Groups are counted within the epoch, and the epoch's
     last group may be shorter: each batch's loss is divided by its group's real size, so a group's update
-    is the average over its batches.
+    is the average over its batches. A batch none of whose images could be read counts for nothing: the
+    group's gradients are rescaled to the average over the batches that trained.
     """
     config = plan.config
     group_start = index - index % config.grad_accum
@@ -380,12 +381,19 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
         with gradient_sync(accelerator, trainee, enabled=steps_now):
             loss = train_step(trainee, batch, config, state.global_step, accelerator)
             accelerator.backward(loss / group_size)
-    norms = step_optimizer(trainee, optimizer, schedule, plan, state, accelerator) if steps_now else {}
+        state.batches_in_group += 1
+    norms = {}
+    if steps_now:
+        norms = step_optimizer(trainee, optimizer, schedule, plan, state, accelerator,
+                               gradient_scale=group_size / max(1, state.batches_in_group))
+        state.batches_in_group = 0
     return (None if loss is None else loss.detach()), norms
 
 
-def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, accelerator) -> dict:
-    """Clip, step and clear the accumulated gradients; advance the schedule when the step was taken.
+def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, accelerator,
+                   gradient_scale: float = 1.0) -> dict:
+    """Clip, step and clear the accumulated gradients (first multiplied by gradient_scale); advance the
+    schedule when the step was taken.
 
     clip_grad_norm clips the UNet and the text encoder each on its own (EveryDream2's text-encoder clip
     read an exhausted iterator and never clipped). Their norms, before clipping, are returned when
@@ -400,6 +408,9 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
              for name, module in trainee.trained_parts().items()}
     if not any(parts.values()):  # every image of the group was unreadable
         return {}
+    if gradient_scale != 1.0:
+        for param in (p for params in parts.values() for p in params):
+            param.grad.mul_(gradient_scale)
     norms = {}
     if config.clip_grad_norm or settings.log_grad_norm:
         accelerator.unscale_gradients()  # fp16: measure and clip the true gradients (once per step)

@@ -46,7 +46,7 @@ def samples():
 
 
 def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch):
-    """One optimizer step over the SAMPLES samples in micro-batches of batch_size; the UNet's weights after it."""
+    """One optimizer step over the samples in micro-batches of batch_size; the UNet's weights after it."""
     from accelerate import Accelerator
 
     monkeypatch.setattr(train, "train_step", per_sample_noise_step)
@@ -65,7 +65,7 @@ def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch):
                            optimizer_settings=SimpleNamespace(log_grad_norm=False, grad_scaler_step_tweaks=False))
     state = LoopState()
     batches = [{key: value[start:start + batch_size] for key, value in samples.items()}
-               for start in range(0, SAMPLES, batch_size)]
+               for start in range(0, len(samples["indices"]), batch_size)]
     for index, batch in enumerate(batches):
         train.train_batch(trainee, batch, index, len(batches), optimizer, schedule, plan, state, Accelerator(cpu=True))
     return [p.detach().clone() for p in model.unet.parameters()], state, schedule
@@ -164,3 +164,24 @@ def test_a_frozen_part_gets_no_gradient_no_graph_and_no_optimizer_state(samples,
         with torch.set_grad_enabled(True):
             hidden = model.family.encode(model.text_encoder, samples["input_ids"]).hidden_states
         assert not hidden.requires_grad
+
+
+def test_an_unreadable_batch_in_a_group_does_not_shrink_the_update(samples, monkeypatch):
+    """If every image of one batch of a grad_accum group fails to load, the group's update is the average
+    over the batches that trained, the same as training those alone."""
+    first_two = {key: value[:2] for key, value in samples.items()}
+    reference, _, _ = train_one_update(first_two, 2, 1, monkeypatch)
+    unreadable = {"pixels": None, "input_ids": None, "indices": [], "loss_scale": None}
+    original = train.train_batch
+
+    def with_a_broken_second_batch(trainee, batch, index, batches_in_epoch, *args):
+        return original(trainee, batch if index == 0 else unreadable, index, batches_in_epoch, *args)
+
+    monkeypatch.setattr(train, "train_batch", with_a_broken_second_batch)
+    try:
+        weights, state, _ = train_one_update(samples, 2, 2, monkeypatch)
+    finally:
+        monkeypatch.setattr(train, "train_batch", original)
+    assert state.optimizer_step == 1 and state.batches_in_group == 0
+    for ours, alone in zip(weights, reference):
+        torch.testing.assert_close(ours, alone, rtol=1e-5, atol=1e-6)

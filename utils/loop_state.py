@@ -12,6 +12,7 @@ class LoopState:
     global_step: int = 0  # batches trained so far (the `gs` in checkpoint names)
     optimizer_step: int = 0  # optimizer updates so far (what the lr schedule counts)
     batch_in_epoch: int = 0  # batches done in the current epoch (0 between epochs)
+    batches_in_group: int = 0  # batches whose gradients are accumulated since the last optimizer step
     elapsed_seconds: float = 0.0  # training time so far, excluding start-up
     last_save_seconds: float = 0.0  # elapsed_seconds at the last save
     last_save_step: int = -1  # global_step of the last save (-1: none yet)
