@@ -309,11 +309,15 @@ def set_attention(unet, attn_type: str) -> None:
 
 def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules."""
-    from optimizer.optimizers import build_group_schedules, build_optimizer
+    from optimizer.optimizers import build_group_schedules, build_optimizer, restore_optimizer_state
 
     parts = trainee.trained_parts()
     optimizer = build_optimizer(plan.optimizer_settings, {name: [p for p in m.parameters() if p.requires_grad]
                                                           for name, m in parts.items()})
+    if os.path.isdir(plan.config.resume_ckpt):  # a checkpoint saved with save_optimizer carries its moments
+        restored = restore_optimizer_state(optimizer, plan.config.resume_ckpt)
+        if restored:
+            plan.derived.append(f"optimizer state {restored}")
     settings = {"unet": plan.optimizer_settings.unet, "text encoder": plan.optimizer_settings.text_encoder}
     schedule = build_group_schedules(optimizer, {part: (settings[part].lr_scheduler, steps)
                                                  for part, steps in plan.schedule.items()})
@@ -463,12 +467,13 @@ def periodic_save_due(plan: RunPlan, state, end_of_epoch: bool) -> bool:
     return by_epochs or by_minutes
 
 
-def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accelerator, prefix: str = "") -> None:
+def save_checkpoint(plan: RunPlan, trainee: Trainee, optimizer, state, run_dir: str, accelerator,
+                    prefix: str = "") -> None:
     """A diffusers folder in <run>/ckpts/ and, unless no_save_ckpt, a single-file .safetensors."""
     import functools
 
     from utils.checkpoint import checkpoint_name, save_pipeline
-    from utils.ema import EMA_FOLDER, save_ema_into
+    from utils.ema import EMA_FOLDER
     from utils.single_file import save_single_file
 
     accelerator.wait_for_everyone()
@@ -481,9 +486,10 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
                                             requires_safety_checker=False)
     record = {**state.to_dict(), "family": model.family.name, "base_model": model.source}
     ema, modules = trainee.ema, trainee.trained_modules()
-    write_ema = functools.partial(save_ema_into, ema, modules) if ema else None
-    folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, to_json_dict(config), write_ema)
-    log.info("saved %s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if ema else "")
+    extras = functools.partial(write_training_state, ema, modules, optimizer if config.save_optimizer else None)
+    folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, to_json_dict(config), extras)
+    log.info("saved %s%s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if ema else "",
+             " with the optimizer state" if config.save_optimizer else "")
     if config.no_save_ckpt:
         return
     target_dir = config.save_ckpt_dir or os.getcwd()
@@ -496,6 +502,18 @@ def save_checkpoint(plan: RunPlan, trainee: Trainee, state, run_dir: str, accele
         path = save_single_file(os.path.join(target_dir, file_name + ".safetensors"), model.family.name,
                                 parts["unet"], parts["vae"], parts["text encoder"], half=not config.save_full_precision)
         log.info("saved %s (%s)", path, "fp32" if config.save_full_precision else "fp16")
+
+
+def write_training_state(ema, modules: dict, optimizer, checkpoint_folder: str) -> None:
+    """What a checkpoint holds beyond the pipeline: the EMA weights and, with save_optimizer, the optimizer
+    state (save_pipeline calls this before its atomic rename)."""
+    from optimizer.optimizers import save_optimizer_state
+    from utils.ema import save_ema_into
+
+    if ema is not None:
+        save_ema_into(ema, modules, checkpoint_folder)
+    if optimizer is not None:
+        save_optimizer_state(optimizer, checkpoint_folder)
 
 
 # =================================================================================================
@@ -647,15 +665,16 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                 tracker.scalars(meter.log_step_scalars(optimizer), state.global_step)
                 progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, optimizer))
             if periodic_save_due(plan, state, end_of_epoch=False):
-                save_checkpoint(plan, trainee, state, run_dir, accelerator)
+                save_checkpoint(plan, trainee, optimizer, state, run_dir, accelerator)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         tracker.scalars(meter.epoch_scalars(), state.global_step)
         log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
         if periodic_save_due(plan, state, end_of_epoch=True):
-            save_checkpoint(plan, trainee, state, run_dir, accelerator)
+            save_checkpoint(plan, trainee, optimizer, state, run_dir, accelerator)
 
     progress.close()
-    save_checkpoint(plan, trainee, state, run_dir, accelerator, prefix="" if config.no_prepend_last else "last-")
+    save_checkpoint(plan, trainee, optimizer, state, run_dir, accelerator,
+                    prefix="" if config.no_prepend_last else "last-")
     tracker.close()
     log.info("done: %d steps in %.1f min%s", state.global_step, state.elapsed_seconds / 60, skipped.summary())
     return 0

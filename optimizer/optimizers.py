@@ -1,9 +1,11 @@
-"""Building the optimizer, its learning-rate schedule and the text encoder's frozen parts from resolved settings."""
+"""Building the optimizer, its learning-rate schedule and the text encoder's frozen parts from resolved settings;
+saving and restoring the optimizer's state."""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -74,3 +76,47 @@ def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncod
         model.final_layer_norm.requires_grad_(False)
         frozen.append("final layer norm")
     return ", ".join(frozen) if frozen else None
+
+
+# =================================================================================================
+# Optimizer state in checkpoints (save_optimizer)
+# =================================================================================================
+
+OPTIMIZER_STATE_FILE = "optimizer.pt"
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, folder: str) -> None:
+    """The optimizer's state (moments, step counts) with what it belongs to, so a later run can check that
+    it fits before using it."""
+    torch.save({"optimizer": _class_name(optimizer), "groups": _group_shapes(optimizer),
+                "state": optimizer.state_dict()}, os.path.join(folder, OPTIMIZER_STATE_FILE))
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, folder: str) -> str | None:
+    """Load the state saved in a checkpoint folder, keeping this run's settings (lr, betas, weight decay...).
+
+    Returns what happened, for the log; None when the folder holds no optimizer state. A state saved for
+    another optimizer, other parts or other shapes is not used: the run starts with fresh moments.
+    """
+    path = os.path.join(folder, OPTIMIZER_STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and numbers only: never code
+    if saved.get("optimizer") != _class_name(optimizer):
+        return f"not restored: it belongs to {saved.get('optimizer')}, this run uses {_class_name(optimizer)}"
+    if saved.get("groups") != _group_shapes(optimizer):
+        return "not restored: it was saved for other trained parts or shapes (the run starts with fresh moments)"
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved["state"])
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)  # this run's lr, betas and schedule start, not the saved ones
+    return f"restored from {path}"
+
+
+def _class_name(optimizer: torch.optim.Optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+def _group_shapes(optimizer: torch.optim.Optimizer) -> list:
+    return [[group.get("name"), [list(p.shape) for p in group["params"]]] for group in optimizer.param_groups]

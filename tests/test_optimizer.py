@@ -712,3 +712,43 @@ def test_polynomial_decay_through_the_training_path_ends_at_lr_end_and_cosine_ho
     schedule = build_group_schedules(optimizer, {"unet": ("cosine", schedule_steps(10, "cosine", 0, 10))})
     lrs = stepped_lrs(optimizer, schedule, 20)
     assert lrs[10] == pytest.approx(0.0, abs=1e-12) and max(lrs[10:]) == pytest.approx(0.0, abs=1e-12)
+
+
+# =================================================================================================
+# save_optimizer: the state saved in a checkpoint, restored when it fits
+# =================================================================================================
+
+from optimizer.optimizers import restore_optimizer_state, save_optimizer_state  # noqa: E402
+
+
+def two_part_optimizer(lr: float, shapes=((4, 4), (3,))):
+    params = [torch.nn.Parameter(torch.ones(shape)) for shape in shapes]
+    return torch.optim.AdamW([{"params": [params[0]], "name": "unet", "lr": lr},
+                              {"params": [params[1]], "name": "text encoder", "lr": lr / 10}]), params
+
+
+def test_optimizer_state_is_restored_with_this_runs_settings(tmp_path):
+    saved, params = two_part_optimizer(1e-3)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    saved.step()
+    save_optimizer_state(saved, str(tmp_path))
+    fresh, fresh_params = two_part_optimizer(5e-5)
+    assert restore_optimizer_state(fresh, str(tmp_path)).startswith("restored from")
+    for old, new in zip(params, fresh_params):
+        assert torch.equal(saved.state[old]["exp_avg"], fresh.state[new]["exp_avg"])
+    assert [g["lr"] for g in fresh.param_groups] == [5e-5, 5e-6]  # this run's lrs, not the saved ones
+
+
+def test_optimizer_state_that_does_not_fit_is_not_used(tmp_path):
+    saved, params = two_part_optimizer(1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    saved.step()
+    save_optimizer_state(saved, str(tmp_path))
+    other_shapes, _ = two_part_optimizer(1e-3, shapes=((4, 4), (5,)))
+    assert "other trained parts or shapes" in restore_optimizer_state(other_shapes, str(tmp_path))
+    assert not other_shapes.state
+    lion = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    assert "belongs to torch.optim.adamw.AdamW" in restore_optimizer_state(lion, str(tmp_path))
+    assert restore_optimizer_state(lion, str(tmp_path / "nothing here")) is None

@@ -339,14 +339,17 @@ def test_everydream2_data_conventions_train_end_to_end(tmp_path):
     assert "done:" in result.stdout + result.stderr
 
 
-def test_ema_is_saved_beside_the_model_and_resumed_by_the_next_session(tmp_path):
-    """Session 1 keeps an EMA and saves it in the checkpoint (ema/) and as <name>_ema.safetensors; session 2
-    continues from the newest checkpoint and from its EMA (EveryDream2 loaded the non-EMA model instead)."""
+def test_ema_and_optimizer_state_are_saved_in_the_checkpoint_and_resumed_by_the_next_session(tmp_path):
+    """Session 1 keeps an EMA and saves it in the checkpoint (ema/) and as <name>_ema.safetensors, and the
+    optimizer state (save_optimizer); session 2 continues from the newest checkpoint, its EMA (EveryDream2
+    loaded the non-EMA model instead) and its optimizer moments."""
     from diffusers import UNet2DConditionModel
 
-    first = demo_run(tmp_path / "one", "--max_epochs", "1", "--ema_decay_rate", "0.5", "--ema_update_interval", "2")
+    first = demo_run(tmp_path / "one", "--max_epochs", "1", "--ema_decay_rate", "0.5", "--ema_update_interval", "2",
+                     "--save_optimizer")
     checkpoint = final_checkpoint(first["run_dir"])
     assert (checkpoint / "ema" / "unet").is_dir() and (checkpoint / "ema" / "text_encoder").is_dir()
+    assert (checkpoint / "optimizer.pt").is_file()
     assert (first["single"] / f"{checkpoint.name}_ema.safetensors").is_file()
     averaged = UNet2DConditionModel.from_pretrained(checkpoint / "ema", subfolder="unet").state_dict()
     trained = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").state_dict()
@@ -362,3 +365,4 @@ def test_ema_is_saved_beside_the_model_and_resumed_by_the_next_session(tmp_path)
     output = second.stdout + second.stderr
     assert f"ema_resume_model = {checkpoint}" in output
     assert f"starting from {checkpoint} (unet: " in output and "text encoder: " in output
+    assert f"optimizer state restored from {checkpoint / 'optimizer.pt'}" in output  # save_optimizer

@@ -164,8 +164,8 @@ class TrainConfig:
     disable_unet_training: bool = option(
         False, "Freeze the UNet (train the text encoder only).", group="Training")
     save_optimizer: bool = option(
-        False, "Save the optimizer state in each checkpoint, to continue training from it.", group="Training",
-        planned="optimizer-state checkpoints")
+        False, "Save the optimizer state (optimizer.pt) in each checkpoint. A later run that starts from that "
+        "checkpoint with the same optimizer and trained parts continues with its moments.", group="Training")
 
     # --- Noise and loss ----------------------------------------------------------------------------
     zero_frequency_noise_ratio: float = option(
