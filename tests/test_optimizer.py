@@ -338,17 +338,22 @@ def test_schedule_steps_says_where_the_values_came_from():
 BASE_LR = 0.1
 
 
-def lrs_over(scheduler: str, warmup: int, decay: int, steps: int) -> list[float]:
-    """The lr in effect at optimizer steps 0..steps-1."""
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([param], lr=BASE_LR)
-    schedule = build_lr_schedule(optimizer, scheduler, schedule_steps(decay, scheduler, warmup, decay))
+def stepped_lrs(optimizer, schedule, steps: int) -> list[float]:
+    """The first group's lr in effect at optimizer steps 0..steps-1."""
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
     return lrs
+
+
+def lrs_over(scheduler: str, warmup: int, decay: int, steps: int) -> list[float]:
+    """The lr in effect at optimizer steps 0..steps-1."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=BASE_LR)
+    schedule = build_lr_schedule(optimizer, scheduler, schedule_steps(decay, scheduler, warmup, decay))
+    return stepped_lrs(optimizer, schedule, steps)
 
 
 def test_constant_schedule_keeps_the_lr():
@@ -689,16 +694,6 @@ def test_adaptive_optimizers_need_the_same_step_settings_for_both_parts(override
 def test_an_adaptive_optimizer_with_a_tiny_lr_is_noted():
     assert any("about 1.0 is usual" in note for note in resolve({"base": {"optimizer": "dadapt_adam"}}).notes)
     assert not any("about 1.0" in note for note in resolve({"base": {"optimizer": "dadapt_adam", "lr": 1.0}}).notes)
-
-
-def stepped_lrs(optimizer, schedule, steps: int) -> list[float]:
-    """The first group's lr in effect at optimizer steps 0..steps-1."""
-    lrs = []
-    for _ in range(steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    return lrs
 
 
 def test_polynomial_decay_through_the_training_path_ends_at_lr_end_and_cosine_holds_after_decay():
