@@ -55,9 +55,16 @@ def resave_in_original_layout(text_encoder, folder: str) -> None:
     """
     if hasattr(text_encoder, "text_model") or all(k.startswith("text_model.") for k in _saved_weight_names(folder)):
         return
-    state_dict = text_encoder.state_dict()
+    save_text_encoder(text_encoder, folder, text_encoder.state_dict())
+
+
+def save_text_encoder(text_encoder, folder: str, state_dict: dict) -> None:
+    """transformers' save_pretrained of a CLIP text encoder (config and weights) with `state_dict` as its
+    weights, under the original `text_model.*` names."""
+    from utils.model_family import with_text_model_prefix
+
     text_encoder.save_pretrained(folder, safe_serialization=True, save_original_format=False,
-                                 state_dict={"text_model." + key: value for key, value in state_dict.items()})
+                                 state_dict=with_text_model_prefix(state_dict))
 
 
 def _saved_weight_names(folder: str) -> list[str]:

@@ -57,19 +57,17 @@ class EMA:
 
     def save(self, folder: str, modules: dict[str, torch.nn.Module]) -> None:
         """`folder/unet/` and `folder/text_encoder/`, each loadable with its class's from_pretrained."""
+        from utils.checkpoint import save_text_encoder
+
         for part, module in modules.items():
             target = os.path.join(folder, PART_FOLDERS[part])
             os.makedirs(target, exist_ok=True)
-            if part == "text encoder":
-                module.config.save_pretrained(target)
-            else:
-                module.save_config(target)
             state_dict = {name: value.detach().to("cpu").contiguous()
                           for name, value in self.state_dict_for(part, module).items()}
-            if part == "text encoder":  # transformers reads the original `text_model.` names in every version
-                state_dict = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state_dict.items()}
-                save_file(state_dict, os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+            if part == "text encoder":  # as the checkpoint's own text encoder: the original `text_model.` names
+                save_text_encoder(module, target, state_dict)
             else:
+                module.save_config(target)
                 save_file(state_dict, os.path.join(target, "diffusion_pytorch_model.safetensors"))
 
 

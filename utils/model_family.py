@@ -58,6 +58,12 @@ def clip_text_transformer(text_encoder) -> torch.nn.Module:
     return getattr(text_encoder, "text_model", text_encoder)
 
 
+def with_text_model_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's weights under their original `text_model.*` names, which transformers 4 and 5
+    and the original SD layout all read (transformers 5 names them without the prefix)."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state_dict.items()}
+
+
 def _final_layer_norm(text_encoder) -> torch.nn.Module:
     return clip_text_transformer(text_encoder).final_layer_norm
 

@@ -17,6 +17,8 @@ import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 
+from utils.model_family import with_text_model_prefix
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
@@ -113,8 +115,7 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _with_text_model_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # transformers >= 5 saves CLIPTextModel without its `text_model.` wrapper; the LDM layout keeps it.
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state_dict.items()
-            if not k.endswith("position_ids")}
+    return {k: v for k, v in with_text_model_prefix(state_dict).items() if not k.endswith("position_ids")}
 
 
 def clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
