@@ -520,8 +520,9 @@ def write_training_state(ema, modules: dict, optimizer, checkpoint_folder: str) 
 # What the data will do: the dataset report, the undersized-image list, the batch schedules
 # =================================================================================================
 
-def dataset_report(plan: RunPlan, tokenizer) -> str:
-    """The report of data/report.py; caption lengths are checked when the tokenizer is at hand."""
+def dataset_report(plan: RunPlan, tokenizer, first_epoch: list) -> str:
+    """The report of data/report.py for the epoch-0 plan; caption lengths are checked when the tokenizer is
+    at hand."""
     from data.report import dataset_report as report
     from utils.models import caption_token_counts
 
@@ -530,7 +531,7 @@ def dataset_report(plan: RunPlan, tokenizer) -> str:
         limit = tokenizer.model_max_length
         counts = caption_token_counts(tokenizer, [item.caption for item in plan.items])
         long_captions = [(item.path, count) for item, count in zip(plan.items, counts) if count > limit]
-    return report(plan.config.data_root, plan.config.resolution, plan.scan, plan.data_options, plan.epoch_plan(0),
+    return report(plan.config.data_root, plan.config.resolution, plan.scan, plan.data_options, first_epoch,
                   plan.batches_per_epoch, long_captions, limit)
 
 
@@ -562,12 +563,13 @@ def dry_run(plan: RunPlan) -> int:
 
     run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
     write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan))
-    report = dataset_report(plan, load_tokenizer(plan.config.resume_ckpt))
+    first_epoch = plan.epoch_plan(0)
+    report = dataset_report(plan, load_tokenizer(plan.config.resume_ckpt), first_epoch)
     print(report, end="")
     write_data_records(run_dir, report, plan)
     SkipReport(run_dir, plan.scan.skipped)
     if plan.config.write_schedule:
-        write_schedule(run_dir, plan, 0, plan.epoch_plan(0))
+        write_schedule(run_dir, plan, 0, first_epoch)
     for line in plan.derived:
         print(f"  {line}")
     for note in run_info(plan)["notes"]:
@@ -584,7 +586,7 @@ def log_summary(plan: RunPlan, trainee: Trainee, run_dir: str, accelerator) -> N
     config = plan.config
     log.info("model: %s", trainee.model.describe())
     log.info("training: %s", " + ".join({"unet": "UNet"}.get(name, name) for name in trainee.trained_parts()))
-    report = dataset_report(plan, trainee.model.tokenizer)
+    report = dataset_report(plan, trainee.model.tokenizer, plan.epoch_plan(0))
     log.info("%s", report.rstrip())
     if run_dir:
         write_data_records(run_dir, report, plan)
