@@ -109,12 +109,21 @@ def test_findlast_with_nothing_to_find_stops_before_any_model_or_run_folder(tmp_
     assert "torch imported: False" in result.stdout and not (tmp_path / "logs").exists()
 
 
-def test_a_single_file_model_is_refused_with_advice_before_anything_loads(tmp_path):
+def test_a_damaged_single_file_model_is_a_clear_error_not_a_stack_trace(tmp_path):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"not really")
-    result = run_main_in_process(tmp_path, "--config", "train.json", "--resume_ckpt", str(model))
+    result = run_main_in_process(tmp_path, "--config", "train.json", "--resume_ckpt", str(model),
+                                 "--ckpt_cache_dir", str(tmp_path / "cache"))
     assert result.returncode == 2
-    assert "from_single_file" in result.stderr and "Traceback" not in result.stderr
+    output = result.stdout + result.stderr
+    assert "is not a readable .safetensors file" in output and "Traceback" not in output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_missing_single_file_is_refused_before_anything_loads(tmp_path):
+    result = run_main_in_process(tmp_path, "--config", "train.json", "--resume_ckpt", str(tmp_path / "nope.ckpt"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
     assert "torch imported: False" in result.stdout and not (tmp_path / "logs").exists()
 
 

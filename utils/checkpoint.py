@@ -1,11 +1,13 @@
 """Saving a checkpoint: a diffusers pipeline folder plus the run's record, complete or not at all.
 
-`<run>/ckpts/<name>/` is written as `<run>/ckpts/.tmp-<name>/` and renamed only when every file is in
-place, so a crash mid-save never leaves a folder that looks finished.
+`<run>/ckpts/<name>/` is written as `<run>/ckpts/.tmp-<name>/`, flushed to disk, and renamed only when
+every file is in place, so a crash or a kill mid-save never leaves a folder that looks finished. The
+record (`checkpoint.json`) holds the SHA-256 of every weight file, checked before the checkpoint is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,6 +17,8 @@ import time
 from utils.run_folder import CONFIG_FILE, write_json
 
 CHECKPOINT_RECORD = "checkpoint.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")  # the files whose checksums the record holds
+INCOMPLETE_PREFIXES = (".tmp-", "errored-", "interrupted-")  # checkpoints that are not finished models
 
 
 def checkpoint_name(project_name: str, epochs_done: int, global_step: int, prefix: str = "") -> str:
@@ -25,7 +29,8 @@ def checkpoint_name(project_name: str, epochs_done: int, global_step: int, prefi
 def save_pipeline(folder: str, pipeline, record: dict, config: dict, write_extra=None) -> str:
     """Write `pipeline` (diffusers `save_pretrained`), the loop record and the config to `folder`, atomically.
 
-    `write_extra(temporary_folder)` adds more files (the EMA weights) before the folder is renamed into place.
+    `write_extra(temporary_folder)` adds more files (the EMA weights, the training state) before the folder
+    is checksummed, flushed to disk and renamed into place.
     """
     parent, name = os.path.split(folder.rstrip("/\\"))
     os.makedirs(parent, exist_ok=True)
@@ -38,11 +43,147 @@ def save_pipeline(folder: str, pipeline, record: dict, config: dict, write_extra
     if write_extra is not None:
         write_extra(temporary)
     write_json(os.path.join(temporary, CONFIG_FILE), config)
-    write_json(os.path.join(temporary, CHECKPOINT_RECORD), {**record, "saved_at": time.time()})
+    write_json(os.path.join(temporary, CHECKPOINT_RECORD),
+               {**record, "saved_at": time.time(), "files": weight_checksums(temporary)})
+    sync_to_disk(temporary)
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(temporary, folder)
+    _fsync_folder(parent)
     return folder
+
+
+# =================================================================================================
+# Checksums and flushing
+# =================================================================================================
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint's weight files are missing or differ from the checksums recorded when it was saved."""
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_checksums(folder: str) -> dict[str, str]:
+    """{path relative to folder, with `/`: SHA-256} of every weight file under folder."""
+    sums = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(WEIGHT_SUFFIXES):
+                path = os.path.join(root, name)
+                sums[os.path.relpath(path, folder).replace(os.sep, "/")] = file_sha256(path)
+    return dict(sorted(sums.items()))
+
+
+def read_record(folder: str) -> dict:
+    """A checkpoint's checkpoint.json. Raises OSError or ValueError when it is missing or damaged."""
+    with open(os.path.join(folder, CHECKPOINT_RECORD), encoding="utf-8") as handle:
+        record = json.load(handle)
+    if not isinstance(record, dict):
+        raise ValueError(f"{CHECKPOINT_RECORD} is not a JSON object")
+    return record
+
+
+def verify_checkpoint(folder: str, needed: tuple[str, ...] = ()) -> None:
+    """Check the weight files against the checksums in the record; `needed` files must also be present.
+
+    Raises DamagedCheckpoint naming each file that is missing or changed. A checkpoint saved before
+    checksums were recorded is accepted as it is.
+    """
+    try:
+        recorded = read_record(folder).get("files", {})
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpoint(f"{folder}: its {CHECKPOINT_RECORD} cannot be read ({error})") from None
+    problems = [f"{name}: missing" for name in needed if name not in recorded
+                and not os.path.isfile(os.path.join(folder, name))]
+    for name, expected in recorded.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name}: missing")
+        elif file_sha256(path) != expected:
+            problems.append(f"{name}: its contents differ from the checksum recorded when it was saved")
+    if problems:
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged (disk error, or changed by hand), so it is not "
+                                "used:\n    " + "\n    ".join(problems) + "\nUse an earlier checkpoint of the run.")
+
+
+def forget_file(folder: str, name: str) -> None:
+    """Delete one file of a checkpoint (a superseded optimizer state) and its checksum from the record."""
+    record = read_record(folder)
+    record.get("files", {}).pop(name, None)
+    write_json(os.path.join(folder, CHECKPOINT_RECORD), record)
+    try:
+        os.remove(os.path.join(folder, name))
+    except FileNotFoundError:
+        pass
+
+
+def sync_to_disk(folder: str) -> None:
+    """fsync every file and folder under folder, so a power cut after the rename cannot lose their data."""
+    for root, folders, files in os.walk(folder):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+        for name in folders:
+            _fsync_folder(os.path.join(root, name))
+    _fsync_folder(folder)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: str) -> None:
+    if os.name == "nt":  # Windows cannot open a folder to flush it; its renames are journalled
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# =================================================================================================
+# Free space
+# =================================================================================================
+
+class NotEnoughDiskSpace(Exception):
+    """A save would not fit on its disk; nothing was written."""
+
+
+def ensure_free_space(needs: dict[str, int], margin: float = 1.05) -> None:
+    """Raise NotEnoughDiskSpace unless each disk has room for what `needs` ({folder: bytes}) puts on it.
+
+    Folders on the same disk add up. A folder that does not exist yet is measured at its nearest parent.
+    """
+    by_disk: dict[int, tuple[str, int]] = {}
+    for folder, size in needs.items():
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        device = os.stat(existing).st_dev
+        where, total = by_disk.get(device, (existing, 0))
+        by_disk[device] = (where, total + size)
+    for where, size in by_disk.values():
+        free = free_bytes(where)
+        if free < size * margin:
+            raise NotEnoughDiskSpace(f"not enough free disk space to save a checkpoint in {where}: it needs about "
+                                     f"{size * margin / 1e9:.2f} GB, {free / 1e9:.2f} GB are free. Nothing was "
+                                     "written and the earlier checkpoints are untouched. Free some space (old runs "
+                                     "in logdir, .safetensors files in save_ckpt_dir) or set save_ckpt_dir to "
+                                     "another disk.")
+
+
+def free_bytes(folder: str) -> int:
+    return shutil.disk_usage(folder).free
 
 
 def resave_in_original_layout(text_encoder, folder: str) -> None:
@@ -86,7 +227,7 @@ class NoCheckpointFound(Exception):
 def is_finished_checkpoint(folder: str) -> bool:
     """A complete, normally saved checkpoint: renamed into place, with its record, not from a crash."""
     name = os.path.basename(folder)
-    return (not name.startswith((".tmp-", "errored-", "interrupted-"))
+    return (not name.startswith(INCOMPLETE_PREFIXES)
             and os.path.isfile(os.path.join(folder, CHECKPOINT_RECORD))
             and os.path.isfile(os.path.join(folder, "model_index.json")))
 
@@ -100,8 +241,7 @@ def find_last_checkpoint(logdir: str, containing: str | None = None) -> str:
         if not is_finished_checkpoint(folder) or (containing and not os.path.isdir(os.path.join(folder, containing))):
             continue
         try:
-            with open(os.path.join(folder, CHECKPOINT_RECORD), encoding="utf-8") as handle:
-                record = json.load(handle)
+            record = read_record(folder)
             key = (float(record["saved_at"]), int(record["global_step"]), folder)
             if not math.isfinite(key[0]):
                 raise ValueError("saved_at is not a time")

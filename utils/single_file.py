@@ -17,6 +17,7 @@ import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 
+from utils.checkpoint import fsync_file
 from utils.model_family import with_text_model_prefix
 
 UNET_PREFIX = "model.diffusion_model."
@@ -175,5 +176,6 @@ def save_single_file(path: str, family_name: str, unet: torch.nn.Module | dict, 
     state_dict = to_ldm_state_dict(family_name, unet, vae, text_encoder)
     temporary = path + ".tmp"
     save_file(_for_file(state_dict.items(), half), temporary, metadata={"format": "pt"})
+    fsync_file(temporary)
     os.replace(temporary, path)
     return path
