@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -20,7 +21,8 @@ import time
 from dataclasses import dataclass
 
 from utils.config import (DEFAULT_CKPT_EVERY_N_MINUTES, FINDLAST, ConfigError, ConfigProblem, LoadedConfig,
-                          TrainConfig, automatic_num_workers, load_config, short_usage, to_json_dict)
+                          TrainConfig, automatic_num_workers, field_default, load_config, parse_cli, short_usage,
+                          to_json_dict)
 
 log = logging.getLogger("train")
 
@@ -42,6 +44,13 @@ class RunPlan:
     schedule: dict  # part -> optimizer.optimizer_config.ScheduleSteps
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
     ema_decay: float | None = None  # per EMA update; None: EMA off
+    session_key: str = ""  # digest of the settings as given: how `--resume_run auto` finds this run again
+    resume: object = None  # utils.resume.ResumeTarget when continuing a run (--resume_run)
+
+    @property
+    def model_source(self) -> str:
+        """Where the weights come from: the checkpoint being resumed, else resume_ckpt."""
+        return self.resume.checkpoint if self.resume else self.config.resume_ckpt
 
     @property
     def items(self) -> list:
@@ -68,15 +77,68 @@ def data_options(config: TrainConfig):
                        rated_dataset_target_dropout_percent=config.rated_dataset_target_dropout_percent)
 
 
+class NothingToResume(Exception):
+    """`--resume_run auto` found this session's run already finished."""
+
+
+def load_settings(argv: list[str]):
+    """The config and, with --resume_run, what it continues (utils.resume). Without --config, a resumed run
+    runs with its own recorded settings (flags still override them). Raises ConfigError, NothingToResume."""
+    from utils.resume import AUTO, FinishedRun, ResumeError, find_resume_target, session_key
+    from utils.run_folder import CONFIG_FILE
+
+    config_file, flags, _ = parse_cli(argv)
+    if not flags.get("resume_run"):
+        return load_config(argv), None
+    try:
+        if config_file or flags["resume_run"] == AUTO:
+            loaded = load_config(argv)
+            target = find_resume_target(loaded.config.logdir, loaded.config.resume_run,
+                                        session_key(to_json_dict(loaded.config)))
+        else:
+            target = find_resume_target(flags.get("logdir", field_default("logdir")), flags["resume_run"], "")
+            loaded = load_config(["--config", os.path.join(target.run_dir, CONFIG_FILE), *argv])
+    except ResumeError as error:
+        raise ConfigError([ConfigProblem("resume_run", "command line", str(error))]) from None
+    if isinstance(target, FinishedRun):
+        raise NothingToResume(target.run_dir)
+    return loaded, target
+
+
+def resume_differences(resume, config: TrainConfig, optimizer_settings, items: list) -> list[str]:
+    """What would make the resumed run train differently from the run it continues."""
+    from data.fingerprint import dataset_changes, dataset_fingerprint
+    from utils.resume import read_dataset_fingerprint, read_run_config, read_run_info, settings_differences
+
+    differences = settings_differences(read_run_config(resume.run_dir), to_json_dict(config))
+    info = read_run_info(resume.run_dir)
+    if "optimizer" in info and info["optimizer"] != optimizer_summary(optimizer_settings):
+        differences.append("the optimizer settings (optimizer.json) changed")
+    recorded = read_dataset_fingerprint(resume.run_dir)
+    if recorded is not None:
+        changes = dataset_changes(recorded, dataset_fingerprint(items))
+        if changes:
+            differences.append(f"the data changed since the run started: {changes}")
+    return differences
+
+
+def optimizer_summary(settings) -> dict:
+    """The resolved optimizer settings of both groups, as recorded in run_info.json."""
+    return json.loads(json.dumps({"unet": dataclasses.asdict(settings.unet),
+                                  "text encoder": dataclasses.asdict(settings.text_encoder)}))
+
+
 def plan_run(argv: list[str]) -> RunPlan:
-    """Everything decided before anything heavy loads. Raises ConfigError listing every problem."""
+    """Everything decided before anything heavy loads. Raises ConfigError listing every problem, and
+    NothingToResume."""
     from data.items import ScanResult, scan_dataset
     from data.plan import batches_per_epoch
     from data.scan import DataRootError
     from optimizer.optimizer_config import OPTIMIZERS, load_optimizer_settings, schedule_steps
     from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
+    from utils.resume import read_run_config, session_key
 
-    loaded = load_config(argv)
+    loaded, resume = load_settings(argv)
     config, derived, problems = loaded.config, [], []
 
     def resolve(key: str, value, origin: str) -> None:
@@ -84,6 +146,16 @@ def plan_run(argv: list[str]) -> RunPlan:
         config = dataclasses.replace(config, **{key: value})
         derived.append(f"{key} = {value} ({origin})")
 
+    started_as = session_key(to_json_dict(config))  # before anything is resolved
+    if resume:
+        derived.append(f"resuming {resume.run_dir} from {os.path.basename(resume.checkpoint)} (step "
+                       f"{resume.record['global_step']})")
+        if config.seed == -1:
+            resolve("seed", read_run_config(resume.run_dir)["seed"], "the resumed run's")
+        if config.resume_ckpt == FINDLAST:  # the weights come from the run's checkpoint; no search needed
+            resolve("resume_ckpt", read_run_config(resume.run_dir)["resume_ckpt"], "the resumed run's")
+        if config.ema_resume_model == FINDLAST:
+            resolve("ema_resume_model", None, "resumed from the run's own EMA")
     if config.seed == -1:
         resolve("seed", random.SystemRandom().randint(0, 2**31 - 1), "random, from seed: -1")
     if config.ckpt_every_n_minutes is None and not config.save_every_n_epochs:
@@ -134,6 +206,14 @@ def plan_run(argv: list[str]) -> RunPlan:
             problems.append(ConfigProblem("lr_warmup_steps", loaded.origins["lr_warmup_steps"], (
                 f"the {part}'s warmup ({schedule[part].warmup} steps) is not shorter than its decay "
                 f"({schedule[part].decay} steps), so the {group.lr_scheduler} schedule would never decay.")))
+    if resume and not problems:
+        differences = resume_differences(resume, config, optimizer_settings, scan.items)
+        if differences and not config.force_resume:
+            problems.append(ConfigProblem("resume_run", loaded.origins["resume_run"], (
+                f"these differ from {resume.run_dir}, so the run would not continue as it started:\n      "
+                + "\n      ".join(differences) + "\n    Undo them, or add --force_resume to continue anyway.")))
+        elif differences:
+            loaded.notes.append("resumed with --force_resume despite: " + "; ".join(differences))
     if problems:
         raise ConfigError(problems)
     derived += list(optimizer_settings.origins) + [f"{part}: {steps.origin}" for part, steps in schedule.items()]
@@ -145,7 +225,8 @@ def plan_run(argv: list[str]) -> RunPlan:
         if not updates:
             loaded.notes.append(f"ema_update_interval: {config.ema_update_interval} optimizer steps is longer than "
                                 f"the run ({total_steps} steps): the EMA will never be updated.")
-    return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay)
+    return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay,
+                   started_as, resume)
 
 
 def resolve_ema_decay(decay_rate: float | None, strength_target: float | None, updates: int) -> tuple[float, str]:
@@ -193,21 +274,46 @@ def make_accelerator(plan: RunPlan):
 
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
-    """The run folder with the settings in it, and logging into it; None on processes other than the main."""
-    from utils.run_folder import create_run_folder, setup_logging, write_run_settings
+    """The run folder with the settings in it, and logging into it; None on processes other than the main.
+    A resumed run continues in its own folder, whose records of how it started are kept."""
+    from utils.run_folder import INFO_FILE, create_run_folder, setup_logging, write_json, write_run_settings
 
-    run_dir = create_run_folder(plan.config.logdir, plan.config.project_name) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        setup_logging(None)
+        return None
+    if plan.resume:
+        run_dir = plan.resume.run_dir
+        setup_logging(run_dir)
+        info = {**read_json(os.path.join(run_dir, INFO_FILE))}
+        info["resumed"] = info.get("resumed", []) + [{"at": time.time(), "from": plan.resume.checkpoint,
+                                                      "derived": plan.derived}]
+        write_json(os.path.join(run_dir, INFO_FILE), info)
+        return run_dir
+    from data.fingerprint import dataset_fingerprint
+    from utils.resume import DATASET_FILE
+
+    run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
     setup_logging(run_dir)
-    if run_dir:
-        write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan))
+    write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan, started=True))
+    write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.items))
     return run_dir
 
 
-def run_info(plan: RunPlan) -> dict:
-    """Where the settings came from, beside the settings themselves."""
-    return {"config_file": plan.loaded.config_file, "derived": plan.derived,
+def run_info(plan: RunPlan, started: bool = False) -> dict:
+    """Where the settings came from, beside the settings themselves; for a started run, what --resume_run
+    compares against: the session key and the optimizer settings."""
+    info = {"config_file": plan.loaded.config_file, "derived": plan.derived,
             "origins": {k: v for k, v in plan.loaded.origins.items() if v != "default"},
             "notes": plan.loaded.notes + list(plan.optimizer_settings.notes)}
+    if started:
+        info.update(started_at=time.time(), session_key=plan.session_key,
+                    optimizer=optimizer_summary(plan.optimizer_settings))
+    return info
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 @dataclass
@@ -242,7 +348,8 @@ def load_trainee(plan: RunPlan, accelerator) -> Trainee:
     from utils.models import load_model, training_noise_scheduler, zero_terminal_snr_inference_scheduler
 
     config = plan.config
-    model = load_model(config.resume_ckpt, config.logdir)
+    with accelerator.main_process_first():  # a single file is converted once; other processes reuse it
+        model = load_model(plan.model_source, config.logdir, config.ckpt_cache_dir, config.single_file_config)
     train_unet, train_te = not config.disable_unet_training, not config.disable_textenc_training
     for module, trained in ((model.unet, train_unet), (model.text_encoder, train_te), (model.vae, False)):
         module.requires_grad_(trained)  # frozen: no gradients at all, so no graph and no memory for them
@@ -287,10 +394,11 @@ def start_ema(plan: RunPlan, trainee: Trainee, accelerator):
     modules = trainee.trained_modules()
     ema = EMA(modules, plan.ema_decay, device)
     source = "the model being trained"
-    if config.ema_resume_model:
-        saved = load_saved_ema(config.ema_resume_model)
+    saved_ema = plan.resume.checkpoint if plan.resume else config.ema_resume_model
+    if saved_ema:
+        saved = load_saved_ema(saved_ema)
         taken = {part: ema.load(part, saved[part]) for part in modules if part in saved}
-        source = f"{config.ema_resume_model} ({', '.join(f'{part}: {n} weights' for part, n in taken.items())})"
+        source = f"{saved_ema} ({', '.join(f'{part}: {n} weights' for part, n in taken.items())})"
     plan.derived.append(f"EMA on {device}, decay {plan.ema_decay:.6g} every {config.ema_update_interval} optimizer "
                         f"steps, starting from {source}")
     return ema
@@ -308,13 +416,14 @@ def set_attention(unet, attn_type: str) -> None:
 
 
 def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
-    """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules."""
+    """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules. A warm
+    start takes a saved optimizer state's moments; a resumed run gets its whole state later (train())."""
     from optimizer.optimizers import build_group_schedules, build_optimizer, restore_optimizer_state
 
     parts = trainee.trained_parts()
     optimizer = build_optimizer(plan.optimizer_settings, {name: [p for p in m.parameters() if p.requires_grad]
                                                           for name, m in parts.items()})
-    if os.path.isdir(plan.config.resume_ckpt):  # a checkpoint saved with save_optimizer carries its moments
+    if not plan.resume and os.path.isdir(plan.config.resume_ckpt):  # a checkpoint saved with save_optimizer carries its moments
         restored = restore_optimizer_state(optimizer, plan.config.resume_ckpt)
         if restored:
             plan.derived.append(f"optimizer state {restored}")
@@ -370,28 +479,65 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
                 plan: RunPlan, state, accelerator):
     """Accumulate one batch's gradients; step the optimizer when the batch ends its grad_accum group.
 
-    Returns the batch's loss (None if none of its images could be read) and, when the optimizer stepped and
-    they were measured, the gradient norms per part. Groups are counted within the epoch, and the epoch's
-    last group may be shorter: each batch's loss is divided by its group's real size, so a group's update
-    is the average over its batches. A batch none of whose images could be read counts for nothing: the
-    group's gradients are rescaled to the average over the batches that trained.
+    Returns the batch's loss (None if none of its images could be read, or the loss was not finite) and,
+    when the optimizer stepped and they were measured, the gradient norms per part. Groups are counted
+    within the epoch, and the epoch's last group may be shorter: each batch's loss is divided by its group's
+    real size, so a group's update is the average over its batches. A batch none of whose images could be
+    read, or whose loss is NaN or infinite, counts for nothing: the group's gradients are rescaled to the
+    average over the batches that trained. MAX_NONFINITE_IN_A_ROW non-finite losses in a row stop the run.
     """
+    import torch
+
     config = plan.config
     group_start = index - index % config.grad_accum
     group_size = min(config.grad_accum, batches_in_epoch - group_start)
-    steps_now = index == group_start + group_size - 1
+    steps_now = ends_group(index, batches_in_epoch, config.grad_accum)
     loss = None
     if batch["pixels"] is not None:
         with gradient_sync(accelerator, trainee, enabled=steps_now):
             loss = train_step(trainee, batch, config, state.global_step, accelerator)
-            accelerator.backward(loss / group_size)
-        state.batches_in_group += 1
+            finite = bool(torch.isfinite(loss))  # waits for the forward pass: one sync per batch
+            if finite:
+                accelerator.backward(loss / group_size)
+        if finite:
+            state.batches_in_group += 1
+            state.nonfinite_in_a_row = 0
+        else:
+            skip_nonfinite_loss(loss, state)
+            loss = None
     norms = {}
     if steps_now:
         norms = step_optimizer(trainee, optimizer, schedule, plan, state, accelerator,
                                gradient_scale=group_size / max(1, state.batches_in_group))
         state.batches_in_group = 0
     return (None if loss is None else loss.detach()), norms
+
+
+MAX_NONFINITE_IN_A_ROW = 5  # batches whose loss is NaN or infinite, in a row, before the run is stopped
+
+
+class NonFiniteTraining(Exception):
+    """The loss stayed NaN or infinite, or the weights stopped being finite: training cannot go on."""
+
+
+def skip_nonfinite_loss(loss, state) -> None:
+    """Count a batch whose loss is NaN or infinite (it is not backpropagated); stop after too many in a row."""
+    state.nonfinite_batches += 1
+    state.nonfinite_in_a_row += 1
+    log.warning("step %d: the loss is %s, so this batch is skipped (%d in a row, %d in the run)", state.global_step + 1,
+                loss.item(), state.nonfinite_in_a_row, state.nonfinite_batches)
+    if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise NonFiniteTraining(f"the loss was NaN or infinite for {state.nonfinite_in_a_row} batches in a row "
+                                f"(up to step {state.global_step + 1}): training has diverged. Lower lr, or train "
+                                "with mixed_precision: bf16 or no if fp16 overflows; then continue from the last "
+                                "checkpoint.")
+
+
+def ends_group(index: int, batches_in_epoch: int, grad_accum: int) -> bool:
+    """Whether batch `index` of the epoch is the last of its grad_accum group (the epoch's last group may be
+    shorter): the optimizer steps after it, and nothing is accumulated, so the run can be saved there."""
+    group_start = index - index % grad_accum
+    return index == min(group_start + grad_accum, batches_in_epoch) - 1
 
 
 def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, accelerator,
@@ -467,53 +613,15 @@ def periodic_save_due(plan: RunPlan, state, end_of_epoch: bool) -> bool:
     return by_epochs or by_minutes
 
 
-def save_checkpoint(plan: RunPlan, trainee: Trainee, optimizer, state, run_dir: str, accelerator,
-                    prefix: str = "") -> None:
-    """A diffusers folder in <run>/ckpts/ and, unless no_save_ckpt, a single-file .safetensors."""
-    import functools
+def save_periodic(run) -> None:
+    """A periodic save; a full disk is reported and training goes on (the next save tries again)."""
+    from utils.checkpoint import NotEnoughDiskSpace
+    from utils.run_checkpoints import save_checkpoint
 
-    from utils.checkpoint import checkpoint_name, save_pipeline
-    from utils.ema import EMA_FOLDER
-    from utils.single_file import save_single_file
-
-    accelerator.wait_for_everyone()
-    state.last_save_seconds, state.last_save_step = state.elapsed_seconds, state.global_step
-    if not accelerator.is_main_process:
-        return
-    config, model = plan.config, trainee.model
-    name = checkpoint_name(config.project_name, state.epoch, state.global_step, prefix)
-    pipeline = model.family.pipeline_class()(**model.components(), safety_checker=None, feature_extractor=None,
-                                            requires_safety_checker=False)
-    record = {**state.to_dict(), "family": model.family.name, "base_model": model.source}
-    ema, modules = trainee.ema, trainee.trained_modules()
-    extras = functools.partial(write_training_state, ema, modules, optimizer if config.save_optimizer else None)
-    folder = save_pipeline(os.path.join(run_dir, "ckpts", name), pipeline, record, to_json_dict(config), extras)
-    log.info("saved %s%s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if ema else "",
-             " with the optimizer state" if config.save_optimizer else "")
-    if config.no_save_ckpt:
-        return
-    target_dir = config.save_ckpt_dir or os.getcwd()
-    os.makedirs(target_dir, exist_ok=True)
-    files = {name: {"unet": model.unet, "vae": model.vae, "text encoder": model.text_encoder}}
-    if ema:  # the same model with the averaged weights, as EveryDream2's <name>_ema.safetensors
-        files[name + "_ema"] = {**files[name], **{part: ema.state_dict_for(part, module)
-                                                  for part, module in modules.items()}}
-    for file_name, parts in files.items():
-        path = save_single_file(os.path.join(target_dir, file_name + ".safetensors"), model.family.name,
-                                parts["unet"], parts["vae"], parts["text encoder"], half=not config.save_full_precision)
-        log.info("saved %s (%s)", path, "fp32" if config.save_full_precision else "fp16")
-
-
-def write_training_state(ema, modules: dict, optimizer, checkpoint_folder: str) -> None:
-    """What a checkpoint holds beyond the pipeline: the EMA weights and, with save_optimizer, the optimizer
-    state (save_pipeline calls this before its atomic rename)."""
-    from optimizer.optimizers import save_optimizer_state
-    from utils.ema import save_ema_into
-
-    if ema is not None:
-        save_ema_into(ema, modules, checkpoint_folder)
-    if optimizer is not None:
-        save_optimizer_state(optimizer, checkpoint_folder)
+    try:
+        save_checkpoint(run, "periodic")
+    except NotEnoughDiskSpace as error:
+        log.error("%s Training goes on; the next periodic save tries again.", error)
 
 
 # =================================================================================================
@@ -617,76 +725,148 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    except NothingToResume as finished:
+        print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
+        return 0
     if plan.config.dry_run:
         return dry_run(plan)
     run_dir = start_run(plan, accelerator)
     return train(plan, accelerator, run_dir)
 
 
-def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
-    import functools
+@dataclass
+class Run:
+    """A run in training: what the loop and the saves (utils/run_checkpoints.py) work with."""
 
-    from data.dataset import EpochBatches, make_loader
+    plan: RunPlan
+    trainee: Trainee
+    optimizer: object
+    schedule: object  # the lr schedule, stepped once per optimizer step
+    accelerator: object
+    run_dir: str | None
+    state: object  # utils.loop_state.LoopState
+
+
+def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
+    """Train from the start or from the resumed checkpoint to the end, or until a signal or an error; save
+    accordingly. Returns the exit code."""
+    from utils.checkpoint import DamagedCheckpoint, NotEnoughDiskSpace
+    from utils.interrupts import StopRequests
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
-    from utils.run_folder import SkipReport
-    from utils.tracker import make_tracker
+    from utils.run_checkpoints import NonFiniteWeights, save_checkpoint
+    from utils.training_state import ResumeStateError, load_resume_state
 
-    config = plan.config
     try:
         trainee = load_trainee(plan, accelerator)
-    except (ModelLoadError, RuntimeError) as error:
+        optimizer, schedule = prepare_optimizer(plan, trainee, accelerator)
+        run = Run(plan, trainee, optimizer, schedule, accelerator, run_dir, LoopState())
+        log_summary(plan, trainee, run_dir, accelerator)
+        if plan.resume:  # last: it sets every random generator as it was when the checkpoint was saved
+            run.state = load_resume_state(plan.resume.checkpoint, optimizer, schedule, accelerator.scaler)
+    except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError) as error:
         log.error("%s", error)
         return 2
-    optimizer, schedule = prepare_optimizer(plan, trainee, accelerator)
-    log_summary(plan, trainee, run_dir, accelerator)
-    tracker = make_tracker(run_dir, accelerator.is_main_process)
-    tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
-    skipped = SkipReport(run_dir, plan.scan.skipped)
-    epoch_batches = EpochBatches()
-    model = trainee.model
-    loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=accelerator.device.type == "cuda",
-                         tokenize=functools.partial(model.family.tokenize, model.tokenizer))
-    state, meter = LoopState(), LossMeter(config.batch_size)
-    progress = make_progress(plan.total_batches, accelerator.is_main_process)
-
-    while state.epoch < config.max_epochs:
-        epoch_batches.set_plan(plan.epoch_plan(state.epoch))
-        if config.write_schedule and run_dir:
-            write_schedule(run_dir, plan, state.epoch, epoch_batches.batches)
-        meter.start_epoch()
-        for index, batch in enumerate(loader):
-            skipped.add(batch["failed"])
-            loss, grad_norms = train_batch(trainee, batch, index, len(epoch_batches), optimizer, schedule, plan,
-                                           state, accelerator)
-            meter.grad_norms.update(grad_norms)
-            state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
-            state.elapsed_seconds += meter.add(loss)
-            progress.update(1)
-            if state.global_step % config.log_step == 0:
-                tracker.scalars(meter.log_step_scalars(optimizer), state.global_step)
-                progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, optimizer))
-            if periodic_save_due(plan, state, end_of_epoch=False):
-                save_checkpoint(plan, trainee, optimizer, state, run_dir, accelerator)
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        tracker.scalars(meter.epoch_scalars(), state.global_step)
-        log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
-        if periodic_save_due(plan, state, end_of_epoch=True):
-            save_checkpoint(plan, trainee, optimizer, state, run_dir, accelerator)
-
-    progress.close()
-    save_checkpoint(plan, trainee, optimizer, state, run_dir, accelerator,
-                    prefix="" if config.no_prepend_last else "last-")
-    tracker.close()
-    log.info("done: %d steps in %.1f min%s", state.global_step, state.elapsed_seconds / 60, skipped.summary())
+    with StopRequests() as stop:
+        try:
+            if not train_epochs(run, stop):
+                folder = save_checkpoint(run, "interrupted")
+                log.warning("stopped by %s at step %d; continue with: python train.py --resume_run %s",
+                            stop.requested.name, run.state.global_step, run_dir if folder else "last")
+                return stop.exit_code
+            save_checkpoint(run, "final")
+        except KeyboardInterrupt:
+            log.error("stopped at once by a second Ctrl-C at step %d, without saving", run.state.global_step)
+            return 130
+        except (NonFiniteTraining, NonFiniteWeights, NotEnoughDiskSpace) as error:
+            log.error("%s", error)
+            save_after_error(run)
+            return 1
+        except Exception:
+            log.exception("training failed at step %d", run.state.global_step)
+            save_after_error(run)
+            return 1
+    log.info("done: %d steps in %.1f min%s", run.state.global_step, run.state.elapsed_seconds / 60,
+             f"; {run.state.nonfinite_batches} batches skipped for a NaN or infinite loss"
+             if run.state.nonfinite_batches else "")
     return 0
 
 
-def make_progress(total_steps: int, is_main_process: bool):
+def train_epochs(run: Run, stop) -> bool:
+    """The loop, from where run.state stands to the end of the last epoch. False when a stop was requested
+    (it is honoured at the end of an optimizer step, where the run can be saved and resumed exactly)."""
+    import functools
+
+    from data.dataset import EpochBatches, make_loader
+    from utils.run_folder import SkipReport
+    from utils.tracker import make_tracker
+
+    plan, state, config, model = run.plan, run.state, run.plan.config, run.trainee.model
+    main_process = run.accelerator.is_main_process
+    # Events a killed run logged after the checkpoint being resumed are dropped: the resumed run logs them anew.
+    tracker = make_tracker(run.run_dir, main_process, purge_step=state.global_step + 1 if plan.resume else None)
+    if not plan.resume:
+        tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
+    skipped = SkipReport(run.run_dir, plan.scan.skipped)
+    epoch_batches = EpochBatches()
+    loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=run.accelerator.device.type == "cuda",
+                         tokenize=functools.partial(model.family.tokenize, model.tokenizer))
+    meter, progress = LossMeter(config.batch_size), make_progress(plan.total_batches, main_process, state.global_step)
+    try:
+        while state.epoch < config.max_epochs:
+            batches = plan.epoch_plan(state.epoch)
+            if config.write_schedule and run.run_dir and not state.batch_in_epoch:
+                write_schedule(run.run_dir, plan, state.epoch, batches)
+            epoch_batches.set_plan(batches[state.batch_in_epoch:])  # a resumed epoch goes on where it stopped
+            meter.start_epoch()
+            for index, batch in enumerate(loader, start=state.batch_in_epoch):
+                skipped.add(batch["failed"])
+                loss, grad_norms = train_batch(run.trainee, batch, index, len(batches), run.optimizer, run.schedule,
+                                               plan, state, run.accelerator)
+                meter.grad_norms.update(grad_norms)
+                state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
+                state.elapsed_seconds += meter.add(loss)
+                progress.update(1)
+                if state.global_step % config.log_step == 0:
+                    tracker.scalars(meter.log_step_scalars(run.optimizer, state), state.global_step)
+                    progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, run.optimizer))
+                if ends_group(index, len(batches), config.grad_accum):
+                    if stop.requested:
+                        return False
+                    if periodic_save_due(plan, state, end_of_epoch=False):
+                        save_periodic(run)
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            tracker.scalars(meter.epoch_scalars(), state.global_step)
+            log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
+            if periodic_save_due(plan, state, end_of_epoch=True):
+                save_periodic(run)
+        return True
+    finally:
+        progress.close()
+        tracker.close()
+        if skipped.seen:
+            log.info("%s", skipped.summary().lstrip("; "))
+
+
+def save_after_error(run: Run) -> None:
+    """An errored- checkpoint of the weights as they are, when they can be saved at all."""
+    from utils.run_checkpoints import save_checkpoint
+
+    try:
+        folder = save_checkpoint(run, "errored")
+        if folder:
+            log.error("the weights at the error are in %s (not resumable; --resume_run continues from the last "
+                      "periodic or interrupted- checkpoint)", folder)
+    except Exception as error:  # noqa: BLE001 - a failed rescue must not hide the error that caused it
+        log.error("no errored- checkpoint could be saved: %s", error)
+
+
+def make_progress(total_steps: int, is_main_process: bool, done: int = 0):
     """A step progress bar on the main process; tqdm hides it when the output is not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=None if is_main_process else True)
+    return tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True,
+                disable=None if is_main_process else True)
 
 
 GRAD_NORM_TAGS = {"unet": "optimizer/unet_grad_norm", "text encoder": "optimizer/te_grad_norm"}  # EveryDream2's
@@ -723,14 +903,17 @@ class LossMeter:
 
         return torch.stack(losses).float().mean().item() if losses else float("nan")
 
-    def log_step_scalars(self, optimizer) -> dict[str, float]:
-        """Mean loss, learning rates and throughput since the last log step, under EveryDream2's tag names."""
+    def log_step_scalars(self, optimizer, state) -> dict[str, float]:
+        """Mean loss, learning rates and throughput since the last log step, under EveryDream2's tag names;
+        the count of batches skipped for a NaN or infinite loss once there are any."""
         now = time.monotonic()
         values = {"loss/log_step": self._mean(self.since_log),
                   "performance/images per second": len(self.since_log) * self.batch_size / max(now - self.log_started,
                                                                                                 1e-9)}
         values.update({f"hyperparameter/lr {group['name']}": group["lr"] for group in optimizer.param_groups})
         values.update({GRAD_NORM_TAGS[name]: norm.item() for name, norm in self.grad_norms.items()})
+        if state.nonfinite_batches:
+            values["loss/nonfinite batches skipped"] = state.nonfinite_batches
         self.last_log_loss = values["loss/log_step"]
         self.since_log, self.log_started = [], now
         return values

@@ -84,7 +84,11 @@ class Collate:
 
 def make_loader(items: list[ImageItem], batches: EpochBatches, num_workers: int, pin_memory: bool,
                 tokenize: Callable[[list[str]], torch.Tensor] | None = None):
-    """A DataLoader over the planned batches; workers persist across epochs."""
+    """A DataLoader over the planned batches; workers persist across epochs and leave Ctrl-C and SIGTERM to
+    the training process."""
+    from utils.interrupts import ignore_stop_signals  # Ctrl-C stops training cleanly, not the workers mid-batch
+
     return torch.utils.data.DataLoader(
         PlannedImages(items), batch_sampler=batches, collate_fn=Collate(tokenize), num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=pin_memory)
+        persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals if num_workers else None)

@@ -113,6 +113,17 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, folder: str) -> st
     return f"restored from {path}"
 
 
+def load_optimizer_state_exactly(optimizer: torch.optim.Optimizer, folder: str) -> None:
+    """For `--resume_run`: the state saved in `folder` as it was, learning rates included. Raises ValueError
+    when it was saved for another optimizer or other parameters."""
+    path = os.path.join(folder, OPTIMIZER_STATE_FILE)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("optimizer") != _class_name(optimizer) or saved.get("groups") != _group_shapes(optimizer):
+        raise ValueError(f"{path} was saved for {saved.get('optimizer')} over other parameters than this run's "
+                         f"{_class_name(optimizer)}: the optimizer or the trained parts changed since the run started")
+    optimizer.load_state_dict(saved["state"])
+
+
 def _class_name(optimizer: torch.optim.Optimizer) -> str:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     return f"{type(inner).__module__}.{type(inner).__name__}"

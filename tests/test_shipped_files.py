@@ -43,13 +43,13 @@ def test_the_chain_starts_from_a_base_model_and_then_finds_the_last_checkpoint()
     assert changed == {"resolution", "batch_size", "grad_accum", "lr", "disable_textenc_training", "cond_dropout"}
 
 
-def test_chain_scripts_run_the_sessions_in_order_and_stop_at_a_failure():
+def test_chain_scripts_run_the_sessions_in_order_stop_at_a_failure_and_can_be_rerun_after_one():
     sh = (REPO / "chain.sh").read_text()
     assert "set -euo pipefail" in sh
-    assert re.findall(r"train\.py --config (chain\d\.json)", sh) == ["chain0.json", "chain1.json", "chain2.json"]
+    sessions = ["chain0.json", "chain1.json", "chain2.json"]
+    assert re.findall(r"train\.py --config (chain\d\.json) --resume_run auto\n", sh) == sessions
     bat = (REPO / "chain.bat").read_text()
-    assert re.findall(r"train\.py --config (chain\d\.json) \|\| exit /b 1", bat) == ["chain0.json", "chain1.json",
-                                                                                    "chain2.json"]
+    assert re.findall(r"train\.py --config (chain\d\.json) --resume_run auto \|\| exit /b 1", bat) == sessions
 
 
 def test_config_reference_is_generated_from_the_config_class():

@@ -16,6 +16,8 @@ class LoopState:
     elapsed_seconds: float = 0.0  # training time so far, excluding start-up
     last_save_seconds: float = 0.0  # elapsed_seconds at the last save
     last_save_step: int = -1  # global_step of the last save (-1: none yet)
+    nonfinite_batches: int = 0  # batches skipped because their loss was NaN or infinite
+    nonfinite_in_a_row: int = 0  # of those, how many just now, in a row
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -95,12 +95,15 @@ class SkipReport:
     """Images left out of training, each listed once in skipped_images.txt.
 
     Those skipped by the scan are already in the dataset report; images that fail later (deleted or
-    damaged while training) are also logged as they happen.
+    damaged while training) are also logged as they happen. A resumed run adds to the run's list.
     """
 
     def __init__(self, run_dir: str | None, scanned: list):
         self.path = os.path.join(run_dir, SKIPPED_FILE) if run_dir else None
         self.seen: set[str] = set()
+        if self.path and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as handle:
+                self.seen.update(line.split("\t", 1)[0] for line in handle if line.strip())
         self._record([(entry.path, entry.reason) for entry in scanned])
 
     def add(self, entries: list[tuple[str, str]]) -> None:

@@ -23,10 +23,10 @@ class Tracker:
 class TensorBoardTracker(Tracker):
     """Event files in the run folder, read by `tensorboard --logdir logs`."""
 
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=log_dir)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -39,5 +39,6 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
-def make_tracker(run_dir: str, is_main_process: bool) -> Tracker:
-    return TensorBoardTracker(run_dir) if is_main_process else Tracker()
+def make_tracker(run_dir: str, is_main_process: bool, purge_step: int | None = None) -> Tracker:
+    """purge_step: a resumed run drops the events an earlier process logged from that step on."""
+    return TensorBoardTracker(run_dir, purge_step) if is_main_process else Tracker()

@@ -1,0 +1,164 @@
+"""Crash safety: atomic saves, checksums, free-space checks, non-finite losses and weights, and which
+checkpoints keep an optimizer state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline
+
+import train
+import utils.checkpoint
+from utils.checkpoint import (DamagedCheckpoint, NotEnoughDiskSpace, find_last_checkpoint, save_pipeline,
+                              verify_checkpoint)
+from utils.config import TrainConfig
+from utils.loop_state import LoopState
+from utils.model_family import SD1
+from utils.models import ModelLoadError, SDModel, load_model
+from utils.run_checkpoints import NonFiniteWeights, save_checkpoint
+from utils.tiny_model import build_tiny_components
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return StableDiffusionPipeline(**build_tiny_components(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(pipeline, tmp_path):
+    ckpts = tmp_path / "logs" / "run" / "ckpts"
+    good = save_pipeline(str(ckpts / "run-ep01-gs00010"), pipeline, {"global_step": 10}, {})
+
+    def crash(folder):
+        raise OSError("killed mid-save")
+
+    with pytest.raises(OSError):
+        save_pipeline(str(ckpts / "run-ep02-gs00020"), pipeline, {"global_step": 20}, {}, write_extra=crash)
+    assert (ckpts / ".tmp-run-ep02-gs00020").is_dir() and not (ckpts / "run-ep02-gs00020").exists()
+    assert find_last_checkpoint(str(tmp_path / "logs")) == good
+    verify_checkpoint(good)
+    save_pipeline(str(ckpts / "run-ep02-gs00020"), pipeline, {"global_step": 20}, {})  # the next save clears it
+    assert not (ckpts / ".tmp-run-ep02-gs00020").exists()
+
+
+def test_checksums_catch_a_changed_or_missing_weight_file(pipeline, tmp_path):
+    folder = Path(save_pipeline(str(tmp_path / "ckpt"), pipeline, {"global_step": 1}, {}))
+    record = json.loads((folder / "checkpoint.json").read_text())
+    assert set(record["files"]) >= {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                                    "text_encoder/model.safetensors"}
+    verify_checkpoint(str(folder))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit pattern in the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpoint, match="unet/diffusion_pytorch_model.safetensors: its contents differ"):
+        verify_checkpoint(str(folder))
+    with pytest.raises(ModelLoadError, match="is damaged"):
+        load_model(str(folder))
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(DamagedCheckpoint, match="vae/diffusion_pytorch_model.safetensors: missing"):
+        verify_checkpoint(str(folder))
+
+
+# =================================================================================================
+# save_checkpoint's checks, on a real (tiny) run's objects
+# =================================================================================================
+
+def make_run(tmp_path: Path, **settings) -> SimpleNamespace:
+    model = SDModel(**build_tiny_components(), family=SD1, source="builtin:tiny")
+    model.vae.requires_grad_(False)
+    trainee = train.Trainee(model, model.unet, model.text_encoder, train_unet=True, train_text_encoder=True,
+                            alphas_cumprod=None)
+    optimizer = torch.optim.AdamW([p for m in (model.unet, model.text_encoder) for p in m.parameters()], lr=1e-4)
+    optimizer.param_groups[0]["name"] = "unet"
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # so it has moments to save
+    config = TrainConfig(resume_ckpt="builtin:tiny", project_name="run", save_ckpt_dir=str(tmp_path / "single"),
+                         **settings)
+    return SimpleNamespace(plan=SimpleNamespace(config=config), trainee=trainee, optimizer=optimizer,
+                           schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                           accelerator=Accelerator(cpu=True), run_dir=str(tmp_path / "run"),
+                           state=LoopState(global_step=4, optimizer_step=4))
+
+
+def test_a_save_that_does_not_fit_on_the_disk_writes_nothing(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    monkeypatch.setattr(utils.checkpoint, "free_bytes", lambda folder: 10_000_000)
+    with pytest.raises(NotEnoughDiskSpace, match=r"needs about 0\.\d\d GB, 0\.01 GB are free"):
+        save_checkpoint(run, "periodic")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "single").exists()
+
+
+def test_nan_weights_are_never_saved(tmp_path):
+    run = make_run(tmp_path)
+    with torch.no_grad():
+        run.trainee.model.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeights, match="unet weight conv_in.weight is NaN or infinite"):
+        save_checkpoint(run, "periodic")
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_the_newest_checkpoint_keeps_the_optimizer_state_unless_save_optimizer(tmp_path):
+    run = make_run(tmp_path, no_save_ckpt=True)
+    first = Path(save_checkpoint(run, "periodic"))
+    assert (first / "optimizer.pt").is_file() and (first / "resume_state.pt").is_file()
+    run.state.global_step = 8
+    second = Path(save_checkpoint(run, "periodic"))
+    assert not (first / "optimizer.pt").exists() and (second / "optimizer.pt").is_file()
+    verify_checkpoint(str(first))  # its record no longer lists the state it lost
+    run.state.global_step = 10
+    final = Path(save_checkpoint(run, "final"))
+    assert final.name == "last-run-ep00-gs00010"
+    assert not list(final.parent.glob("*/optimizer.pt"))
+
+    kept = make_run(tmp_path / "kept", no_save_ckpt=True, save_optimizer=True)
+    first = Path(save_checkpoint(kept, "periodic"))
+    kept.state.global_step = 10
+    final = Path(save_checkpoint(kept, "final"))
+    assert (first / "optimizer.pt").is_file() and (final / "optimizer.pt").is_file()
+    assert not (final / "resume_state.pt").exists()  # a finished run is not resumed
+
+
+# =================================================================================================
+# Non-finite losses, end to end
+# =================================================================================================
+
+def run_demo_with_nan_losses(tmp_path: Path, monkeypatch, nan_steps: set[int]) -> tuple[int, Path]:
+    real_step = train.train_step
+
+    def sometimes_nan(trainee, batch, config, global_step, accelerator):
+        loss = real_step(trainee, batch, config, global_step, accelerator)
+        return loss * float("nan") if global_step in nan_steps else loss
+
+    monkeypatch.setattr(train, "train_step", sometimes_nan)
+    monkeypatch.chdir(REPO)
+    code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", "0", "--logdir",
+                       str(tmp_path / "logs"), "--no_save_ckpt", "true"])
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    return code, run_dir
+
+
+def test_a_nan_loss_skips_its_batch_and_training_goes_on(tmp_path, monkeypatch):
+    code, run_dir = run_demo_with_nan_losses(tmp_path, monkeypatch, {2})
+    assert code == 0
+    (final,) = (run_dir / "ckpts").iterdir()
+    record = json.loads((final / "checkpoint.json").read_text())
+    assert record["nonfinite_batches"] == 1 and record["global_step"] == 7
+    assert "step 3: the loss is nan, so this batch is skipped" in (run_dir / "train.log").read_text()
+
+
+def test_nan_losses_in_a_row_stop_the_run_with_a_message(tmp_path, monkeypatch):
+    code, run_dir = run_demo_with_nan_losses(tmp_path, monkeypatch, set(range(1, 100)))
+    assert code == 1
+    log = (run_dir / "train.log").read_text()
+    assert "NaN or infinite for 5 batches in a row" in log and "Lower lr" in log
+    (saved,) = (run_dir / "ckpts").iterdir()  # the weights never took a NaN step: kept for inspection
+    assert saved.name.startswith("errored-")

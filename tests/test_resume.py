@@ -1,0 +1,214 @@
+"""`--resume_run`: a run killed (SIGKILL) or stopped (Ctrl-C) and then resumed ends bitwise identical to the
+same run left alone, on CPU; what resuming refuses and reports.
+
+The end-to-end runs train the tiny model on the bundled images with everything that carries state across
+steps switched on: gradient accumulation, a warmup + cosine schedule, EMA, flips, caption dropout, a data
+loader worker and the text encoder training. They save at the end of every optimizer step, so the kill
+lands between two saves, or during one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from utils.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = {"resume_ckpt": "builtin:tiny", "data_root": "examples/images", "project_name": "resume",
+            "resolution": 256, "batch_size": 2, "grad_accum": 2, "max_epochs": 2, "lr": 1e-4,
+            "lr_scheduler": "cosine", "lr_warmup_steps": 2, "seed": 7, "flip_p": 0.5, "cond_dropout": 0.1,
+            "ema_decay_rate": 0.9, "ema_update_interval": 1, "log_step": 1, "num_workers": 1,
+            "ckpt_every_n_minutes": 0.0001, "no_save_ckpt": True}
+TOTAL_STEPS = 14  # 12 images in 7 batches per epoch, 2 epochs
+
+
+def write_config(folder: Path, **changes) -> Path:
+    path = folder / "resume.json"
+    path.write_text(json.dumps({**SETTINGS, "logdir": str(folder / "logs"), **changes}))
+    return path
+
+
+def train_py(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def start_train(*args: str) -> subprocess.Popen:
+    """train.py in its own process group, as a terminal runs it (Ctrl-C reaches the workers too)."""
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_checkpoints(logdir: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        done = [p for p in glob.glob(str(logdir / "*" / "ckpts" / "*")) if not os.path.basename(p).startswith(".tmp-")]
+        if len(done) >= count:
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoints appeared")
+
+
+def run_folder(logdir: Path) -> Path:
+    (folder,) = glob.glob(str(logdir / "*"))
+    return Path(folder)
+
+
+def final_checkpoint(logdir: Path) -> Path:
+    (folder,) = glob.glob(str(logdir / "*" / "ckpts" / "last-*"))
+    return Path(folder)
+
+
+def weights(checkpoint: Path) -> dict:
+    """Every tensor of every weight file of a checkpoint (model and EMA), by file and name."""
+    found = {}
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        for name, tensor in load_file(str(path)).items():
+            found[f"{path.relative_to(checkpoint)}:{name}"] = tensor
+    return found
+
+
+def assert_bitwise_equal(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    differing = [name for name in reference if not bool((ours[name] == reference[name]).all())]
+    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:3]}"
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars("loss/log_step")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The run left alone."""
+    folder = tmp_path_factory.mktemp("reference")
+    result = train_py("--config", str(write_config(folder)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"weights": weights(final_checkpoint(folder / "logs")), "losses": logged_losses(run_folder(folder / "logs"))}
+
+
+def test_a_run_killed_after_a_periodic_save_resumes_to_the_same_weights(reference, tmp_path):
+    config = write_config(tmp_path)
+    process = start_train("--config", str(config))
+    wait_for_checkpoints(tmp_path / "logs", 3, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    run_dir = run_folder(tmp_path / "logs")
+    assert not list((run_dir / "ckpts").glob("last-*"))
+
+    # No --config: the run's own recorded settings. The run continues in its folder.
+    result = train_py("--resume_run", "last", "--logdir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run_folder(tmp_path / "logs") == run_dir
+    assert_bitwise_equal(weights(final_checkpoint(tmp_path / "logs")), reference["weights"])
+    # TensorBoard shows one curve: what the killed process logged after its last save was dropped.
+    assert logged_losses(run_dir) == reference["losses"]
+    assert [step for step, _ in reference["losses"]] == list(range(1, TOTAL_STEPS + 1))
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert len(info["resumed"]) == 1
+
+
+def test_ctrl_c_saves_an_interrupted_checkpoint_that_resumes_to_the_same_weights(reference, tmp_path):
+    config = write_config(tmp_path)
+    process = start_train("--config", str(config))
+    wait_for_checkpoints(tmp_path / "logs", 1, process)
+    os.killpg(process.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C: the loader worker too
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 130, output
+    (interrupted,) = (run_folder(tmp_path / "logs") / "ckpts").glob("interrupted-*")
+    assert (interrupted / "resume_state.pt").is_file() and (interrupted / "optimizer.pt").is_file()
+    assert "--resume_run" in output
+
+    result = train_py("--config", str(config), "--resume_run", str(run_folder(tmp_path / "logs")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_bitwise_equal(weights(final_checkpoint(tmp_path / "logs")), reference["weights"])
+    # Only the newest checkpoint keeps an optimizer state; a finished run keeps none (save_optimizer is off).
+    assert not list((run_folder(tmp_path / "logs") / "ckpts").glob("*/optimizer.pt"))
+
+
+# =================================================================================================
+# What resuming refuses and reports (no training: the plan is checked before any model loads)
+# =================================================================================================
+
+def fake_run(tmp_path: Path, config: Path) -> Path:
+    """A run folder as train.py leaves it after a periodic save, without training: start_run's records and
+    one checkpoint with the training-state files (their contents are not read by the plan)."""
+    plan = train.plan_run(["--config", str(config)])
+    run_dir = Path(train.start_run(plan, type("Main", (), {"is_main_process": True})()))
+    checkpoint = run_dir / "ckpts" / "resume-ep00-gs00004"
+    checkpoint.mkdir(parents=True)
+    for name in ("model_index.json", "resume_state.pt", "optimizer.pt"):
+        (checkpoint / name).write_text("{}")
+    (checkpoint / "checkpoint.json").write_text(json.dumps({"global_step": 4, "saved_at": time.time()}))
+    return run_dir
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in (REPO / "examples" / "images").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_changed_settings_are_refused_with_the_list_unless_forced(tmp_path, images):
+    run_dir = fake_run(tmp_path, write_config(tmp_path, data_root=str(images)))
+    changed = write_config(tmp_path, data_root=str(images), lr=2e-4, batch_size=4, log_step=5, num_workers=0)
+    with pytest.raises(ConfigError) as refused:
+        train.plan_run(["--config", str(changed), "--resume_run", str(run_dir)])
+    message = str(refused.value)
+    assert "lr: 0.0001 -> 0.0002" in message and "batch_size: 2 -> 4" in message and "--force_resume" in message
+    assert "log_step" not in message and "num_workers" not in message  # they do not change what is trained
+    plan = train.plan_run(["--config", str(changed), "--resume_run", str(run_dir), "--force_resume", "true"])
+    assert plan.resume.run_dir == str(run_dir) and plan.config.lr == 2e-4
+    assert any("lr: 0.0001 -> 0.0002" in note for note in plan.loaded.notes)
+
+
+def test_a_changed_dataset_is_reported_with_counts(tmp_path, images):
+    fake_run(tmp_path, write_config(tmp_path, data_root=str(images)))
+    names = sorted(p.name for p in images.iterdir() if p.suffix == ".png")
+    (images / names[0]).unlink()
+    (images / "new image.png").write_bytes((images / names[1]).read_bytes())
+    os.utime(images / names[2], (1, 1))  # "modified": its time changed
+    with pytest.raises(ConfigError) as refused:
+        train.plan_run(["--config", str(write_config(tmp_path, data_root=str(images))), "--resume_run", "last"])
+    assert "images: 1 added, 1 removed, 1 modified" in str(refused.value)
+
+
+def test_resume_run_auto_skips_a_finished_session_and_starts_an_unknown_one(tmp_path, images):
+    config = write_config(tmp_path, data_root=str(images))
+    plan = train.plan_run(["--config", str(config), "--resume_run", "auto"])
+    assert plan.resume is None  # never started: a fresh run
+    run_dir = fake_run(tmp_path, config)
+    plan = train.plan_run(["--config", str(config), "--resume_run", "auto"])
+    assert plan.resume.run_dir == str(run_dir)  # started and unfinished: continued
+    final = run_dir / "ckpts" / "last-resume-ep02-gs00014"
+    final.mkdir()
+    (final / "checkpoint.json").write_text(json.dumps({"global_step": 14, "saved_at": time.time(), "final": True}))
+    with pytest.raises(train.NothingToResume):
+        train.plan_run(["--config", str(config), "--resume_run", "auto"])
+    other = write_config(tmp_path, data_root=str(images), lr=3e-4)  # another session: not this run
+    assert train.plan_run(["--config", str(other), "--resume_run", "auto"]).resume is None
+
+
+def test_nothing_to_resume_is_a_clear_error(tmp_path, images):
+    config = write_config(tmp_path, data_root=str(images))
+    with pytest.raises(ConfigError, match="no unfinished run"):
+        train.plan_run(["--config", str(config), "--resume_run", "last"])
+    with pytest.raises(ConfigError, match="is not a run folder"):
+        train.plan_run(["--config", str(config), "--resume_run", str(tmp_path)])

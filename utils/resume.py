@@ -1,0 +1,182 @@
+"""`--resume_run`: which run and which of its checkpoints to continue, and whether the settings still fit.
+
+Torch-free, like the rest of the plan: a refused resume is reported before any model loads.
+
+A run folder's checkpoints are *resumable* when they carry the training state (`resume_state.pt` and
+`optimizer.pt`): periodic saves and `interrupted-` ones do. A run is *finished* once its final save is in
+place (its record says `final`). `--resume_run` takes:
+
+- `last`: the newest unfinished run under logdir that has a resumable checkpoint;
+- a run folder (or one of its checkpoints);
+- `auto`: for chains, the newest run started from the same settings (the same session key); finished
+  runs are skipped, unfinished ones continued, and a session never started (or killed before its first
+  save) starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from utils.checkpoint import CHECKPOINT_RECORD, read_record
+from utils.run_folder import CONFIG_FILE, INFO_FILE
+
+LAST, AUTO = "last", "auto"
+DATASET_FILE = "dataset_fingerprint.json"  # in the run folder: data/fingerprint.py's record of the data at the start
+RESUME_FILES = ("resume_state.pt", "optimizer.pt")  # utils/training_state.py, optimizer/optimizers.py
+
+# Keys that may differ when a run is resumed: where things are written, how often, how it is shown, how
+# fast it runs. Every other key changes what is trained, so a difference needs --force_resume.
+CHANGEABLE_ON_RESUME = frozenset((
+    # The weights come from the run's own checkpoint, whatever the model was started from:
+    "resume_ckpt", "ema_resume_model", "single_file_config", "ckpt_cache_dir",
+    "num_workers", "attn_type", "gradient_checkpointing", "ema_device",
+    "write_schedule", "dry_run", "log_step", "logdir", "project_name", "run_name", "wandb",
+    "save_ckpt_dir", "ckpt_every_n_minutes", "save_every_n_epochs", "save_ckpts_from_n_epochs",
+    "save_full_precision", "no_save_ckpt", "no_prepend_last", "save_optimizer",
+    "sample_prompts", "sample_steps", "ema_sample_nonema_model", "ema_sample_ema_model",
+    "load_settings_every_epoch", "resume_run", "force_resume",
+))
+
+
+class ResumeError(Exception):
+    """There is nothing to resume, or the run cannot be resumed as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class ResumeTarget:
+    run_dir: str
+    checkpoint: str  # the resumable checkpoint folder to continue from
+    record: dict  # its checkpoint.json
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """`--resume_run auto` found this session's run already finished: there is nothing to do."""
+
+    run_dir: str
+
+
+def session_key(config: dict) -> str:
+    """A digest of the settings a session was started with, to find its run again (`--resume_run auto`)."""
+    given = {key: value for key, value in config.items() if key not in ("resume_run", "force_resume", "dry_run")}
+    return hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_resume_target(logdir: str, spec: str, key: str) -> ResumeTarget | FinishedRun | None:
+    """What `--resume_run spec` continues. None: `auto` found nothing to continue, so the run starts afresh."""
+    if spec == AUTO:
+        runs = [run for run in _run_folders(logdir) if _read_json(os.path.join(run, INFO_FILE)).get("session_key") == key]
+        if not runs:
+            return None
+        newest = max(runs, key=_started_at)
+        if is_finished_run(newest):
+            return FinishedRun(newest)
+        return _newest_resumable(newest)
+    if spec == LAST:
+        candidates = [target for run in _run_folders(logdir) if not is_finished_run(run)
+                      for target in [_newest_resumable(run)] if target]
+        if not candidates:
+            raise ResumeError(f"--resume_run last: no unfinished run under {logdir!r} has a checkpoint to resume "
+                              "from (periodic saves and interrupted- saves carry the training state; a run killed "
+                              "before its first save has none).")
+        return max(candidates, key=lambda target: float(target.record["saved_at"]))
+    run_dir = _run_folder_of(spec)
+    if is_finished_run(run_dir):
+        raise ResumeError(f"--resume_run: {run_dir} finished; there is nothing to resume. To train it further, start "
+                          "a new session from its last checkpoint (resume_ckpt: findlast).")
+    target = _newest_resumable(run_dir) if os.path.abspath(spec) == os.path.abspath(run_dir) else _resumable(spec)
+    if target is None:
+        raise ResumeError(f"--resume_run: {spec} has no checkpoint with the training state (resume_state.pt and "
+                          "optimizer.pt): it was stopped before its first periodic save.")
+    return target
+
+
+def is_finished_run(run_dir: str) -> bool:
+    return any(_read_json(os.path.join(folder, CHECKPOINT_RECORD)).get("final") for folder in _checkpoints(run_dir))
+
+
+def _run_folder_of(spec: str) -> str:
+    """The run folder named by spec: the folder itself, or the run holding the checkpoint spec names."""
+    folder = os.path.abspath(spec)
+    if os.path.isfile(os.path.join(folder, CONFIG_FILE)) and os.path.isdir(os.path.join(folder, "ckpts")):
+        return folder
+    run_dir = os.path.dirname(os.path.dirname(folder))  # <run>/ckpts/<checkpoint>
+    if os.path.basename(os.path.dirname(folder)) == "ckpts" and os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+        return run_dir
+    raise ResumeError(f"--resume_run: {spec!r} is not a run folder (one holding {CONFIG_FILE} and ckpts/) or a "
+                      "checkpoint inside one. Use `last`, or a folder under logdir.")
+
+
+def _run_folders(logdir: str) -> list[str]:
+    if not os.path.isdir(logdir):
+        return []
+    folders = (os.path.join(logdir, name) for name in os.listdir(logdir))
+    return [folder for folder in folders if os.path.isfile(os.path.join(folder, CONFIG_FILE))]
+
+
+def _checkpoints(run_dir: str) -> list[str]:
+    ckpts = os.path.join(run_dir, "ckpts")
+    if not os.path.isdir(ckpts):
+        return []
+    return [os.path.join(ckpts, name) for name in sorted(os.listdir(ckpts))
+            if not name.startswith((".tmp-", "errored-")) and os.path.isdir(os.path.join(ckpts, name))]
+
+
+def _resumable(folder: str) -> ResumeTarget | None:
+    """A checkpoint that can be continued: complete, with its record and its training state."""
+    if not all(os.path.isfile(os.path.join(folder, name)) for name in (*RESUME_FILES, "model_index.json")):
+        return None
+    try:
+        record = read_record(folder)
+        _order(record)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ResumeTarget(os.path.dirname(os.path.dirname(os.path.abspath(folder))), os.path.abspath(folder), record)
+
+
+def _newest_resumable(run_dir: str) -> ResumeTarget | None:
+    targets = [target for target in map(_resumable, _checkpoints(run_dir)) if target]
+    return max(targets, key=lambda target: _order(target.record)) if targets else None
+
+
+def _order(record: dict) -> tuple[int, float]:
+    return int(record["global_step"]), float(record["saved_at"])
+
+
+def _started_at(run_dir: str) -> float:
+    return float(_read_json(os.path.join(run_dir, INFO_FILE)).get("started_at", os.path.getmtime(run_dir)))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def read_run_config(run_dir: str) -> dict:
+    """The resolved settings the run was started with (its train_config.json)."""
+    data = _read_json(os.path.join(run_dir, CONFIG_FILE))
+    if not data:
+        raise ResumeError(f"--resume_run: {os.path.join(run_dir, CONFIG_FILE)} is missing or damaged.")
+    return data
+
+
+def read_run_info(run_dir: str) -> dict:
+    return _read_json(os.path.join(run_dir, INFO_FILE))
+
+
+def read_dataset_fingerprint(run_dir: str) -> dict | None:
+    """The data as the run saw it when it started; None for a run that did not record it."""
+    return _read_json(os.path.join(run_dir, DATASET_FILE)) or None
+
+
+def settings_differences(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> now` for each key whose change would change what the run trains."""
+    keys = sorted((set(saved) | set(current)) - CHANGEABLE_ON_RESUME)
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
