@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -21,8 +20,7 @@ import time
 from dataclasses import dataclass
 
 from utils.config import (DEFAULT_CKPT_EVERY_N_MINUTES, FINDLAST, ConfigError, ConfigProblem, LoadedConfig,
-                          TrainConfig, automatic_num_workers, field_default, load_config, parse_cli, short_usage,
-                          to_json_dict)
+                          TrainConfig, automatic_num_workers, short_usage, to_json_dict)
 
 log = logging.getLogger("train")
 
@@ -77,57 +75,6 @@ def data_options(config: TrainConfig):
                        rated_dataset_target_dropout_percent=config.rated_dataset_target_dropout_percent)
 
 
-class NothingToResume(Exception):
-    """`--resume_run auto` found this session's run already finished."""
-
-
-def load_settings(argv: list[str]):
-    """The config and, with --resume_run, what it continues (utils.resume). Without --config, a resumed run
-    runs with its own recorded settings (flags still override them). Raises ConfigError, NothingToResume."""
-    from utils.resume import AUTO, FinishedRun, ResumeError, find_resume_target, session_key
-    from utils.run_folder import CONFIG_FILE
-
-    config_file, flags, _ = parse_cli(argv)
-    if not flags.get("resume_run"):
-        return load_config(argv), None
-    try:
-        if config_file or flags["resume_run"] == AUTO:
-            loaded = load_config(argv)
-            target = find_resume_target(loaded.config.logdir, loaded.config.resume_run,
-                                        session_key(to_json_dict(loaded.config)))
-        else:
-            target = find_resume_target(flags.get("logdir", field_default("logdir")), flags["resume_run"], "")
-            loaded = load_config(["--config", os.path.join(target.run_dir, CONFIG_FILE), *argv])
-    except ResumeError as error:
-        raise ConfigError([ConfigProblem("resume_run", "command line", str(error))]) from None
-    if isinstance(target, FinishedRun):
-        raise NothingToResume(target.run_dir)
-    return loaded, target
-
-
-def resume_differences(resume, config: TrainConfig, optimizer_settings, items: list) -> list[str]:
-    """What would make the resumed run train differently from the run it continues."""
-    from data.fingerprint import dataset_changes, dataset_fingerprint
-    from utils.resume import read_dataset_fingerprint, read_run_config, read_run_info, settings_differences
-
-    differences = settings_differences(read_run_config(resume.run_dir), to_json_dict(config))
-    info = read_run_info(resume.run_dir)
-    if "optimizer" in info and info["optimizer"] != optimizer_summary(optimizer_settings):
-        differences.append("the optimizer settings (optimizer.json) changed")
-    recorded = read_dataset_fingerprint(resume.run_dir)
-    if recorded is not None:
-        changes = dataset_changes(recorded, dataset_fingerprint(items))
-        if changes:
-            differences.append(f"the data changed since the run started: {changes}")
-    return differences
-
-
-def optimizer_summary(settings) -> dict:
-    """The resolved optimizer settings of both groups, as recorded in run_info.json."""
-    return json.loads(json.dumps({"unet": dataclasses.asdict(settings.unet),
-                                  "text encoder": dataclasses.asdict(settings.text_encoder)}))
-
-
 def plan_run(argv: list[str]) -> RunPlan:
     """Everything decided before anything heavy loads. Raises ConfigError listing every problem, and
     NothingToResume."""
@@ -135,8 +82,10 @@ def plan_run(argv: list[str]) -> RunPlan:
     from data.plan import batches_per_epoch
     from data.scan import DataRootError
     from optimizer.optimizer_config import OPTIMIZERS, load_optimizer_settings, schedule_steps
+    from data.fingerprint import dataset_fingerprint
     from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
-    from utils.resume import read_run_config, session_key
+    from utils.resume import (ResumeError, load_settings, optimizer_summary, read_run_config, resume_differences,
+                              session_key)
 
     loaded, resume = load_settings(argv)
     config, derived, problems = loaded.config, [], []
@@ -150,10 +99,15 @@ def plan_run(argv: list[str]) -> RunPlan:
     if resume:
         derived.append(f"resuming {resume.run_dir} from {os.path.basename(resume.checkpoint)} (step "
                        f"{resume.record['global_step']})")
+        loaded.notes.extend(f"passed over a damaged checkpoint: {damage}" for damage in resume.damaged)
+        try:
+            started_with = read_run_config(resume.run_dir)
+        except ResumeError as error:
+            raise ConfigError([ConfigProblem("resume_run", loaded.origins["resume_run"], str(error))]) from None
         if config.seed == -1:
-            resolve("seed", read_run_config(resume.run_dir)["seed"], "the resumed run's")
+            resolve("seed", started_with["seed"], "the resumed run's")
         if config.resume_ckpt == FINDLAST:  # the weights come from the run's checkpoint; no search needed
-            resolve("resume_ckpt", read_run_config(resume.run_dir)["resume_ckpt"], "the resumed run's")
+            resolve("resume_ckpt", started_with["resume_ckpt"], "the resumed run's")
         if config.ema_resume_model == FINDLAST:
             resolve("ema_resume_model", None, "resumed from the run's own EMA")
     if config.seed == -1:
@@ -207,7 +161,8 @@ def plan_run(argv: list[str]) -> RunPlan:
                 f"the {part}'s warmup ({schedule[part].warmup} steps) is not shorter than its decay "
                 f"({schedule[part].decay} steps), so the {group.lr_scheduler} schedule would never decay.")))
     if resume and not problems:
-        differences = resume_differences(resume, config, optimizer_settings, scan.items)
+        differences = resume_differences(resume, to_json_dict(config), optimizer_summary(optimizer_settings),
+                                         dataset_fingerprint(scan.items))
         if differences and not config.force_resume:
             problems.append(ConfigProblem("resume_run", loaded.origins["resume_run"], (
                 f"these differ from {resume.run_dir}, so the run would not continue as it started:\n      "
@@ -275,8 +230,16 @@ def make_accelerator(plan: RunPlan):
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
     """The run folder with the settings in it, and logging into it; None on processes other than the main.
-    A resumed run continues in its own folder, whose records of how it started are kept."""
-    from utils.run_folder import INFO_FILE, create_run_folder, setup_logging, write_json, write_run_settings
+
+    A resumed run continues in its own folder, minus what a save cut short left there. What --resume_run
+    compares against stays as the run started, unless differences were accepted with --force_resume:
+    those become the run's settings.
+    """
+    from data.fingerprint import dataset_fingerprint
+    from utils.checkpoint import remove_unfinished_saves
+    from utils.resume import DATASET_FILE, optimizer_summary, read_run_info
+    from utils.run_folder import (CONFIG_FILE, INFO_FILE, create_run_folder, setup_logging, write_json,
+                                  write_run_settings)
 
     if not accelerator.is_main_process:
         setup_logging(None)
@@ -284,14 +247,16 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
     if plan.resume:
         run_dir = plan.resume.run_dir
         setup_logging(run_dir)
-        info = {**read_json(os.path.join(run_dir, INFO_FILE))}
+        remove_unfinished_saves(os.path.join(run_dir, "ckpts"))
+        info = read_run_info(run_dir)
         info["resumed"] = info.get("resumed", []) + [{"at": time.time(), "from": plan.resume.checkpoint,
-                                                      "derived": plan.derived}]
+                                                      "derived": plan.derived, "notes": plan.loaded.notes}]
+        if plan.config.force_resume:
+            write_json(os.path.join(run_dir, CONFIG_FILE), to_json_dict(plan.config))
+            write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.items))
+            info["optimizer"] = optimizer_summary(plan.optimizer_settings)
         write_json(os.path.join(run_dir, INFO_FILE), info)
         return run_dir
-    from data.fingerprint import dataset_fingerprint
-    from utils.resume import DATASET_FILE
-
     run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
     setup_logging(run_dir)
     write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan, started=True))
@@ -302,6 +267,8 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
 def run_info(plan: RunPlan, started: bool = False) -> dict:
     """Where the settings came from, beside the settings themselves; for a started run, what --resume_run
     compares against: the session key and the optimizer settings."""
+    from utils.resume import optimizer_summary
+
     info = {"config_file": plan.loaded.config_file, "derived": plan.derived,
             "origins": {k: v for k, v in plan.loaded.origins.items() if v != "default"},
             "notes": plan.loaded.notes + list(plan.optimizer_settings.notes)}
@@ -309,11 +276,6 @@ def run_info(plan: RunPlan, started: bool = False) -> dict:
         info.update(started_at=time.time(), session_key=plan.session_key,
                     optimizer=optimizer_summary(plan.optimizer_settings))
     return info
-
-
-def read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 @dataclass
@@ -503,7 +465,7 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
             state.batches_in_group += 1
             state.nonfinite_in_a_row = 0
         else:
-            skip_nonfinite_loss(loss, state)
+            skip_nonfinite(f"the loss is {loss.item()}, so this batch is skipped", state)
             loss = None
     norms = {}
     if steps_now:
@@ -520,12 +482,13 @@ class NonFiniteTraining(Exception):
     """The loss stayed NaN or infinite, or the weights stopped being finite: training cannot go on."""
 
 
-def skip_nonfinite_loss(loss, state) -> None:
-    """Count a batch whose loss is NaN or infinite (it is not backpropagated); stop after too many in a row."""
+def skip_nonfinite(what: str, state) -> None:
+    """Count a batch whose loss (or, in fp32 and bf16, a group whose gradient) is NaN or infinite, which
+    does not train; stop after too many in a row."""
     state.nonfinite_batches += 1
     state.nonfinite_in_a_row += 1
-    log.warning("step %d: the loss is %s, so this batch is skipped (%d in a row, %d in the run)", state.global_step + 1,
-                loss.item(), state.nonfinite_in_a_row, state.nonfinite_batches)
+    log.warning("step %d: %s (%d in a row, %d in the run)", state.global_step + 1, what, state.nonfinite_in_a_row,
+                state.nonfinite_batches)
     if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
         raise NonFiniteTraining(f"the loss was NaN or infinite for {state.nonfinite_in_a_row} batches in a row "
                                 f"(up to step {state.global_step + 1}): training has diverged. Lower lr, or train "
@@ -571,6 +534,12 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
                 norms[name] = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             else:
                 norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # fp16's grad scaler skips steps with inf gradients itself (that is how it finds its scale); without one,
+    # a NaN or infinite gradient from a finite loss would go into the weights.
+    if accelerator.scaler is None and not all(bool(torch.isfinite(norm)) for norm in norms.values()):
+        skip_nonfinite("the gradient norm is NaN or infinite, so this optimizer step is skipped", state)
+        optimizer.zero_grad(set_to_none=True)
+        return {}
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
         schedule.step()
@@ -614,10 +583,11 @@ def periodic_save_due(plan: RunPlan, state, end_of_epoch: bool) -> bool:
 
 
 def save_periodic(run) -> None:
-    """A periodic save; a full disk is reported and training goes on (the next save tries again)."""
+    """A periodic save; a full disk is reported and training goes on (the next one tries again)."""
     from utils.checkpoint import NotEnoughDiskSpace
     from utils.run_checkpoints import save_checkpoint
 
+    run.state.last_save_seconds, run.state.last_save_step = run.state.elapsed_seconds, run.state.global_step
     try:
         save_checkpoint(run, "periodic")
     except NotEnoughDiskSpace as error:
@@ -719,6 +689,8 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(short_usage())
         return 0
+    from utils.resume import NothingToResume
+
     try:
         plan = plan_run(argv)
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
@@ -750,11 +722,12 @@ class Run:
 def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     """Train from the start or from the resumed checkpoint to the end, or until a signal or an error; save
     accordingly. Returns the exit code."""
+    from optimizer.optimizers import apply_group_settings
     from utils.checkpoint import DamagedCheckpoint, NotEnoughDiskSpace
     from utils.interrupts import StopRequests
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
-    from utils.run_checkpoints import NonFiniteWeights, save_checkpoint
+    from utils.run_checkpoints import NonFiniteWeights, resumable_save_at, save_checkpoint
     from utils.training_state import ResumeStateError, load_resume_state
 
     try:
@@ -764,15 +737,18 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
         log_summary(plan, trainee, run_dir, accelerator)
         if plan.resume:  # last: it sets every random generator as it was when the checkpoint was saved
             run.state = load_resume_state(plan.resume.checkpoint, optimizer, schedule, accelerator.scaler)
+            if plan.config.force_resume:  # the saved state brought the run's old lr and settings
+                apply_group_settings(optimizer, schedule, plan.optimizer_settings)
     except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError) as error:
         log.error("%s", error)
         return 2
     with StopRequests() as stop:
         try:
             if not train_epochs(run, stop):
-                folder = save_checkpoint(run, "interrupted")
+                if not resumable_save_at(run):  # a periodic save at this very step is as good, and done
+                    save_checkpoint(run, "interrupted")
                 log.warning("stopped by %s at step %d; continue with: python train.py --resume_run %s",
-                            stop.requested.name, run.state.global_step, run_dir if folder else "last")
+                            stop.requested.name, run.state.global_step, run_dir or "last")
                 return stop.exit_code
             save_checkpoint(run, "final")
         except KeyboardInterrupt:
@@ -830,7 +806,7 @@ def train_epochs(run: Run, stop) -> bool:
                 if state.global_step % config.log_step == 0:
                     tracker.scalars(meter.log_step_scalars(run.optimizer, state), state.global_step)
                     progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, run.optimizer))
-                if ends_group(index, len(batches), config.grad_accum):
+                if ends_group(index, len(batches), config.grad_accum) and index + 1 < len(batches):
                     if stop.requested:
                         return False
                     if periodic_save_due(plan, state, end_of_epoch=False):
@@ -840,6 +816,8 @@ def train_epochs(run: Run, stop) -> bool:
             log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
             if periodic_save_due(plan, state, end_of_epoch=True):
                 save_periodic(run)
+            if stop.requested and state.epoch < config.max_epochs:  # at the very end, the final save
+                return False
         return True
     finally:
         progress.close()

@@ -8,17 +8,29 @@ import os
 from data.items import ImageItem
 
 
+SAMPLED_BYTES = 8192  # from each end of a file: an edited or re-encoded image differs there
+
+
 def dataset_fingerprint(items: list[ImageItem]) -> dict[str, list]:
-    """{path: [bytes, modification time in ns, digest of its caption and settings]} for every usable image."""
-    fingerprint = {}
-    for item in items:
-        try:
-            stat = os.stat(item.path)
-            file_id = [stat.st_size, stat.st_mtime_ns]
-        except OSError:  # gone since the scan: recorded as unreadable, so a later comparison sees it change
-            file_id = [-1, -1]
-        fingerprint[item.path] = file_id + [_settings_digest(item)]
-    return fingerprint
+    """{path: [bytes, digest of the file's ends, digest of its caption and settings]} for every usable image.
+
+    File times are not used: data copied or unpacked again onto a new machine (after a preemption, say)
+    is the same data.
+    """
+    return {item.path: [*_file_digest(item.path), _settings_digest(item)] for item in items}
+
+
+def _file_digest(path: str) -> list:
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            digest = hashlib.sha1(handle.read(SAMPLED_BYTES))
+            if size > SAMPLED_BYTES:
+                handle.seek(max(SAMPLED_BYTES, size - SAMPLED_BYTES))
+                digest.update(handle.read())
+        return [size, digest.hexdigest()[:16]]
+    except OSError:  # gone since the scan: recorded as unreadable, so a later comparison sees it change
+        return [-1, ""]
 
 
 def dataset_changes(before: dict[str, list], now: dict[str, list]) -> str | None:
@@ -28,7 +40,7 @@ def dataset_changes(before: dict[str, list], now: dict[str, list]) -> str | None
     common = before.keys() & now.keys()
     modified = sum(before[path][:2] != now[path][:2] for path in common)
     recaptioned = sum(before[path][2] != now[path][2] for path in common)
-    counts = [(added, "added"), (removed, "removed"), (modified, "modified (size or time)"),
+    counts = [(added, "added"), (removed, "removed"), (modified, "modified"),
               (recaptioned, "with another caption or settings")]
     changes = [f"{count} {what}" for count, what in counts if count]
     return "images: " + ", ".join(changes) if changes else None

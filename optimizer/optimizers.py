@@ -11,6 +11,8 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from optimizer.optimizer_config import OPTIMIZERS, GroupSettings, OptimizerSettings, ScheduleSteps, TextEncoderFreezing
+from utils.checkpoint import OPTIMIZER_STATE_FILE
+
 
 def build_optimizer(settings: OptimizerSettings, parameters: dict[str, list]) -> torch.optim.Optimizer:
     """One optimizer with a named parameter group per trained part ("unet", "text encoder"), each group with
@@ -82,9 +84,6 @@ def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncod
 # Optimizer state in checkpoints (save_optimizer)
 # =================================================================================================
 
-OPTIMIZER_STATE_FILE = "optimizer.pt"
-
-
 def save_optimizer_state(optimizer: torch.optim.Optimizer, folder: str) -> None:
     """The optimizer's state (moments, step counts) with what it belongs to, so a later run can check that
     it fits before using it."""
@@ -122,6 +121,20 @@ def load_optimizer_state_exactly(optimizer: torch.optim.Optimizer, folder: str) 
         raise ValueError(f"{path} was saved for {saved.get('optimizer')} over other parameters than this run's "
                          f"{_class_name(optimizer)}: the optimizer or the trained parts changed since the run started")
     optimizer.load_state_dict(saved["state"])
+
+
+def apply_group_settings(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                         settings: OptimizerSettings) -> None:
+    """After a resumed state was loaded with --force_resume: this run's lr, betas, weight decay..., and its
+    schedule from the step the run is at (the loaded state brought the run's old ones)."""
+    by_part = {"unet": settings.unet, "text encoder": settings.text_encoder}
+    for group in optimizer.param_groups:
+        own = by_part[group["name"]].optimizer_kwargs()
+        group.update(own)
+        group["initial_lr"] = own["lr"]
+    schedule.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base_lr, multiplier in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base_lr * multiplier(schedule.last_epoch)
 
 
 def _class_name(optimizer: torch.optim.Optimizer) -> str:

@@ -106,13 +106,17 @@ def test_nan_weights_are_never_saved(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_only_the_newest_checkpoint_keeps_the_optimizer_state_unless_save_optimizer(tmp_path):
+def test_only_the_two_newest_checkpoints_keep_the_optimizer_state_unless_save_optimizer(tmp_path):
     run = make_run(tmp_path, no_save_ckpt=True)
     first = Path(save_checkpoint(run, "periodic"))
     assert (first / "optimizer.pt").is_file() and (first / "resume_state.pt").is_file()
     run.state.global_step = 8
     second = Path(save_checkpoint(run, "periodic"))
-    assert not (first / "optimizer.pt").exists() and (second / "optimizer.pt").is_file()
+    run.state.global_step = 9
+    third = Path(save_checkpoint(run, "interrupted"))
+    assert third.name == "interrupted-run-ep00-gs00009"
+    assert not (first / "optimizer.pt").exists()
+    assert (second / "optimizer.pt").is_file() and (third / "optimizer.pt").is_file()
     verify_checkpoint(str(first))  # its record no longer lists the state it lost
     run.state.global_step = 10
     final = Path(save_checkpoint(run, "final"))

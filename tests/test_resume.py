@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from utils.config import ConfigError
+from utils.resume import NothingToResume
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"resume_ckpt": "builtin:tiny", "data_root": "examples/images", "project_name": "resume",
@@ -184,10 +185,12 @@ def test_a_changed_dataset_is_reported_with_counts(tmp_path, images):
     names = sorted(p.name for p in images.iterdir() if p.suffix == ".png")
     (images / names[0]).unlink()
     (images / "new image.png").write_bytes((images / names[1]).read_bytes())
-    os.utime(images / names[2], (1, 1))  # "modified": its time changed
+    os.utime(images / names[3], (1, 1))  # only its time changed (copied again, say): the same image
+    (images / names[2]).write_bytes((images / names[4]).read_bytes())  # modified
     with pytest.raises(ConfigError) as refused:
         train.plan_run(["--config", str(write_config(tmp_path, data_root=str(images))), "--resume_run", "last"])
-    assert "images: 1 added, 1 removed, 1 modified" in str(refused.value)
+    # The modified image is also of another size, so it trains in another bucket: new settings too.
+    assert "images: 1 added, 1 removed, 1 modified, 1 with another caption or settings\n" in str(refused.value)
 
 
 def test_resume_run_auto_skips_a_finished_session_and_starts_an_unknown_one(tmp_path, images):
@@ -200,7 +203,7 @@ def test_resume_run_auto_skips_a_finished_session_and_starts_an_unknown_one(tmp_
     final = run_dir / "ckpts" / "last-resume-ep02-gs00014"
     final.mkdir()
     (final / "checkpoint.json").write_text(json.dumps({"global_step": 14, "saved_at": time.time(), "final": True}))
-    with pytest.raises(train.NothingToResume):
+    with pytest.raises(NothingToResume):
         train.plan_run(["--config", str(config), "--resume_run", "auto"])
     other = write_config(tmp_path, data_root=str(images), lr=3e-4)  # another session: not this run
     assert train.plan_run(["--config", str(other), "--resume_run", "auto"]).resume is None
@@ -212,3 +215,48 @@ def test_nothing_to_resume_is_a_clear_error(tmp_path, images):
         train.plan_run(["--config", str(config), "--resume_run", "last"])
     with pytest.raises(ConfigError, match="is not a run folder"):
         train.plan_run(["--config", str(config), "--resume_run", str(tmp_path)])
+
+
+def test_resume_run_in_the_config_file_counts_like_the_flag(tmp_path, images):
+    run_dir = fake_run(tmp_path, write_config(tmp_path, data_root=str(images)))
+    plan = train.plan_run(["--config", str(write_config(tmp_path, data_root=str(images), resume_run="last"))])
+    assert plan.resume.run_dir == str(run_dir)
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path, images):
+    run_dir = fake_run(tmp_path, write_config(tmp_path, data_root=str(images)))
+    newer = run_dir / "ckpts" / "resume-ep01-gs00008"
+    newer.mkdir()
+    for name in ("model_index.json", "resume_state.pt", "optimizer.pt"):
+        (newer / name).write_text("{}")
+    (newer / "checkpoint.json").write_text(json.dumps({"global_step": 8, "saved_at": time.time(),
+                                                       "files": {"optimizer.pt": "0" * 64}}))
+    plan = train.plan_run(["--config", str(write_config(tmp_path, data_root=str(images))), "--resume_run", "last"])
+    assert plan.resume.checkpoint.endswith("resume-ep00-gs00004")
+    assert any("passed over a damaged checkpoint" in note and "optimizer.pt" in note for note in plan.loaded.notes)
+
+
+def test_force_resume_applies_the_new_learning_rate_from_the_current_step(tmp_path):
+    import torch
+
+    from optimizer.optimizers import apply_group_settings, load_optimizer_state_exactly, save_optimizer_state
+
+    def optimizer_and_schedule(lr):
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([{"params": [weight], "name": "unet", "lr": lr}])
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+    old, old_schedule = optimizer_and_schedule(1e-4)
+    for _ in range(3):
+        old.step()
+        old_schedule.step()
+    save_optimizer_state(old, str(tmp_path))
+    new, new_schedule = optimizer_and_schedule(3e-4)
+    load_optimizer_state_exactly(new, str(tmp_path))
+    new_schedule.load_state_dict(old_schedule.state_dict())
+    assert new.param_groups[0]["lr"] == old.param_groups[0]["lr"]  # the saved run's, as resumed exactly
+    group = type("Group", (), {"optimizer_kwargs": lambda self: {"lr": 3e-4, "weight_decay": 0.01}})()
+    apply_group_settings(new, new_schedule, type("Settings", (), {"unet": group, "text_encoder": group})())
+    assert new.param_groups[0]["lr"] == pytest.approx(3e-4 / 4)  # the new lr at step 3 of the schedule
+    new_schedule.step()
+    assert new.param_groups[0]["lr"] == pytest.approx(3e-4 / 5)

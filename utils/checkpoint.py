@@ -7,6 +7,7 @@ record (`checkpoint.json`) holds the SHA-256 of every weight file, checked befor
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -17,8 +18,11 @@ import time
 from utils.run_folder import CONFIG_FILE, write_json
 
 CHECKPOINT_RECORD = "checkpoint.json"
+OPTIMIZER_STATE_FILE = "optimizer.pt"  # optimizer/optimizers.py
+RESUME_STATE_FILE = "resume_state.pt"  # utils/training_state.py
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")  # the files whose checksums the record holds
-INCOMPLETE_PREFIXES = (".tmp-", "errored-", "interrupted-")  # checkpoints that are not finished models
+TEMPORARY_PREFIX, ERRORED_PREFIX, INTERRUPTED_PREFIX = ".tmp-", "errored-", "interrupted-"
+INCOMPLETE_PREFIXES = (TEMPORARY_PREFIX, ERRORED_PREFIX, INTERRUPTED_PREFIX)  # never a finished model
 
 
 def checkpoint_name(project_name: str, epochs_done: int, global_step: int, prefix: str = "") -> str:
@@ -34,7 +38,7 @@ def save_pipeline(folder: str, pipeline, record: dict, config: dict, write_extra
     """
     parent, name = os.path.split(folder.rstrip("/\\"))
     os.makedirs(parent, exist_ok=True)
-    temporary = os.path.join(parent, f".tmp-{name}")
+    temporary = os.path.join(parent, TEMPORARY_PREFIX + name)
     shutil.rmtree(temporary, ignore_errors=True)  # left by a crash during an earlier save
     pipeline.save_pretrained(temporary, safe_serialization=True)
     for component in ("text_encoder", "text_encoder_2"):
@@ -123,6 +127,14 @@ def forget_file(folder: str, name: str) -> None:
         pass
 
 
+def remove_unfinished_saves(ckpts_dir: str) -> None:
+    """Delete the `.tmp-` folders a save cut short by a crash or a kill left in a run's ckpts/."""
+    if os.path.isdir(ckpts_dir):
+        for name in os.listdir(ckpts_dir):
+            if name.startswith(TEMPORARY_PREFIX):
+                shutil.rmtree(os.path.join(ckpts_dir, name), ignore_errors=True)
+
+
 def sync_to_disk(folder: str) -> None:
     """fsync every file and folder under folder, so a power cut after the rename cannot lose their data."""
     for root, folders, files in os.walk(folder):
@@ -134,7 +146,7 @@ def sync_to_disk(folder: str) -> None:
 
 
 def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows flushes only files opened for writing
     try:
         os.fsync(fd)
     finally:
@@ -147,6 +159,9 @@ def _fsync_folder(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as error:  # some network and FUSE file systems cannot flush a folder: nothing more to do
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
@@ -237,7 +252,7 @@ def find_last_checkpoint(logdir: str, containing: str | None = None) -> str:
     with `containing`, the newest that has that sub-folder (e.g. `ema`)."""
     newest: tuple[float, int, str] | None = None
     for folder, subfolders, _ in os.walk(logdir):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".tmp-")]
+        subfolders[:] = [d for d in subfolders if not d.startswith(TEMPORARY_PREFIX)]
         if not is_finished_checkpoint(folder) or (containing and not os.path.isdir(os.path.join(folder, containing))):
             continue
         try:

@@ -15,17 +15,21 @@ place (its record says `final`). `--resume_run` takes:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 
-from utils.checkpoint import CHECKPOINT_RECORD, read_record
+from utils.checkpoint import (CHECKPOINT_RECORD, ERRORED_PREFIX, OPTIMIZER_STATE_FILE, RESUME_STATE_FILE,
+                              TEMPORARY_PREFIX, DamagedCheckpoint, read_record, verify_checkpoint)
+from utils.config import (ConfigError, ConfigProblem, LoadedConfig, field_default, load_config, parse_cli,
+                          to_json_dict)
 from utils.run_folder import CONFIG_FILE, INFO_FILE
 
 LAST, AUTO = "last", "auto"
 DATASET_FILE = "dataset_fingerprint.json"  # in the run folder: data/fingerprint.py's record of the data at the start
-RESUME_FILES = ("resume_state.pt", "optimizer.pt")  # utils/training_state.py, optimizer/optimizers.py
+RESUME_FILES = (RESUME_STATE_FILE, OPTIMIZER_STATE_FILE)
 
 # Keys that may differ when a run is resumed: where things are written, how often, how it is shown, how
 # fast it runs. Every other key changes what is trained, so a difference needs --force_resume.
@@ -48,8 +52,9 @@ class ResumeError(Exception):
 @dataclass(frozen=True)
 class ResumeTarget:
     run_dir: str
-    checkpoint: str  # the resumable checkpoint folder to continue from
+    checkpoint: str  # the resumable checkpoint folder to continue from, its checksums verified
     record: dict  # its checkpoint.json
+    damaged: tuple[str, ...] = ()  # newer checkpoints of the run passed over because they are damaged
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,59 @@ def session_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def find_resume_target(logdir: str, spec: str, key: str) -> ResumeTarget | FinishedRun | None:
-    """What `--resume_run spec` continues. None: `auto` found nothing to continue, so the run starts afresh."""
+class NothingToResume(Exception):
+    """`--resume_run auto` found this session's run already finished."""
+
+
+def load_settings(argv: list[str]) -> tuple[LoadedConfig, ResumeTarget | None]:
+    """The config and, with resume_run (a flag, or a key of the config file), what it continues. Without
+    --config, a resumed run runs with its own recorded settings (flags still override them).
+    Raises ConfigError, NothingToResume."""
+    config_file, flags, _ = parse_cli(argv)
+    try:
+        if config_file or not flags.get("resume_run"):
+            loaded = load_config(argv)
+            if not loaded.config.resume_run:
+                return loaded, None
+            project = loaded.config.project_name if loaded.origins["project_name"] != "default" else None
+            target = find_resume_target(loaded.config.logdir, loaded.config.resume_run,
+                                        session_key(to_json_dict(loaded.config)), project)
+        else:
+            target = find_resume_target(flags.get("logdir", field_default("logdir")), flags["resume_run"], "")
+            loaded = load_config(["--config", os.path.join(target.run_dir, CONFIG_FILE), *argv])
+    except ResumeError as error:
+        raise ConfigError([ConfigProblem("resume_run", "command line", str(error))]) from None
+    if isinstance(target, FinishedRun):
+        raise NothingToResume(target.run_dir)
+    return loaded, target
+
+
+def resume_differences(target: ResumeTarget, config: dict, optimizer: dict, fingerprint: dict) -> list[str]:
+    """What would make the resumed run train differently from the run it continues: settings (the
+    resolved config as a dict), the optimizer settings (optimizer_summary) and the data (fingerprint)."""
+    from data.fingerprint import dataset_changes
+
+    differences = settings_differences(read_run_config(target.run_dir), config)
+    info = read_run_info(target.run_dir)
+    if "optimizer" in info and info["optimizer"] != optimizer:
+        differences.append("the optimizer settings (optimizer.json) changed")
+    recorded = read_dataset_fingerprint(target.run_dir)
+    changes = dataset_changes(recorded, fingerprint) if recorded is not None else None
+    if changes:
+        differences.append(f"the data changed since the run started: {changes}")
+    return differences
+
+
+def optimizer_summary(settings) -> dict:
+    """The resolved optimizer settings of both groups (optimizer_config.OptimizerSettings), as JSON values."""
+    return json.loads(json.dumps({"unet": dataclasses.asdict(settings.unet),
+                                  "text encoder": dataclasses.asdict(settings.text_encoder)}))
+
+
+def find_resume_target(logdir: str, spec: str, key: str, project: str | None = None
+                       ) -> ResumeTarget | FinishedRun | None:
+    """What `--resume_run spec` continues (`last` within `project` when given). None: `auto` found nothing
+    to continue, so the run starts afresh."""
     if spec == AUTO:
         runs = [run for run in _run_folders(logdir) if _read_json(os.path.join(run, INFO_FILE)).get("session_key") == key]
         if not runs:
@@ -76,21 +132,29 @@ def find_resume_target(logdir: str, spec: str, key: str) -> ResumeTarget | Finis
             return FinishedRun(newest)
         return _newest_resumable(newest)
     if spec == LAST:
-        candidates = [target for run in _run_folders(logdir) if not is_finished_run(run)
-                      for target in [_newest_resumable(run)] if target]
+        runs = [run for run in _run_folders(logdir)
+                if project is None or os.path.basename(run).startswith(f"{project}-")]
+        candidates = [target for run in runs if not is_finished_run(run) for target in [_newest_resumable(run)]
+                      if target]
         if not candidates:
-            raise ResumeError(f"--resume_run last: no unfinished run under {logdir!r} has a checkpoint to resume "
-                              "from (periodic saves and interrupted- saves carry the training state; a run killed "
-                              "before its first save has none).")
+            raise ResumeError(f"--resume_run last: no unfinished run{f' of {project}' if project else ''} under "
+                              f"{logdir!r} has a checkpoint to resume from (periodic saves and interrupted- saves "
+                              "carry the training state; a run killed before its first save has none).")
         return max(candidates, key=lambda target: float(target.record["saved_at"]))
     run_dir = _run_folder_of(spec)
     if is_finished_run(run_dir):
         raise ResumeError(f"--resume_run: {run_dir} finished; there is nothing to resume. To train it further, start "
                           "a new session from its last checkpoint (resume_ckpt: findlast).")
-    target = _newest_resumable(run_dir) if os.path.abspath(spec) == os.path.abspath(run_dir) else _resumable(spec)
+    if os.path.abspath(spec) == os.path.abspath(run_dir):
+        target = _newest_resumable(run_dir)
+    else:
+        target = _resumable(spec)
+        if target is not None:
+            _verify(target)
     if target is None:
-        raise ResumeError(f"--resume_run: {spec} has no checkpoint with the training state (resume_state.pt and "
-                          "optimizer.pt): it was stopped before its first periodic save.")
+        raise ResumeError(f"--resume_run: {spec} holds no checkpoint with the training state (resume_state.pt and "
+                          "optimizer.pt): the run stopped before its first periodic save, or that checkpoint is "
+                          "not its newest (older ones keep no optimizer state) or is an errored- one.")
     return target
 
 
@@ -122,7 +186,7 @@ def _checkpoints(run_dir: str) -> list[str]:
     if not os.path.isdir(ckpts):
         return []
     return [os.path.join(ckpts, name) for name in sorted(os.listdir(ckpts))
-            if not name.startswith((".tmp-", "errored-")) and os.path.isdir(os.path.join(ckpts, name))]
+            if not name.startswith((TEMPORARY_PREFIX, ERRORED_PREFIX)) and os.path.isdir(os.path.join(ckpts, name))]
 
 
 def _resumable(folder: str) -> ResumeTarget | None:
@@ -138,8 +202,28 @@ def _resumable(folder: str) -> ResumeTarget | None:
 
 
 def _newest_resumable(run_dir: str) -> ResumeTarget | None:
-    targets = [target for target in map(_resumable, _checkpoints(run_dir)) if target]
-    return max(targets, key=lambda target: _order(target.record)) if targets else None
+    """The newest resumable checkpoint whose files match their checksums; newer damaged ones are listed.
+    Raises ResumeError when every resumable checkpoint is damaged."""
+    targets = sorted((target for target in map(_resumable, _checkpoints(run_dir)) if target),
+                     key=lambda target: _order(target.record), reverse=True)
+    damaged = []
+    for target in targets:
+        try:
+            _verify(target)
+        except ResumeError as error:
+            damaged.append(str(error))
+            continue
+        return dataclasses.replace(target, damaged=tuple(damaged))
+    if damaged:
+        raise ResumeError("every checkpoint of the run that could be resumed is damaged:\n" + "\n".join(damaged))
+    return None
+
+
+def _verify(target: ResumeTarget) -> None:
+    try:
+        verify_checkpoint(target.checkpoint)
+    except DamagedCheckpoint as error:
+        raise ResumeError(str(error)) from None
 
 
 def _order(record: dict) -> tuple[int, float]:
@@ -160,7 +244,7 @@ def _read_json(path: str) -> dict:
 
 
 def read_run_config(run_dir: str) -> dict:
-    """The resolved settings the run was started with (its train_config.json)."""
+    """The resolved settings the run was started with (its train_config.json). Raises ResumeError."""
     data = _read_json(os.path.join(run_dir, CONFIG_FILE))
     if not data:
         raise ResumeError(f"--resume_run: {os.path.join(run_dir, CONFIG_FILE)} is missing or damaged.")

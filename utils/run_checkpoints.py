@@ -8,8 +8,9 @@ Kinds of save, and what they hold beyond the diffusers pipeline (utils/checkpoin
 - `final` (`last-`): the EMA, the optimizer state with save_optimizer, and the single file;
 - `errored` (an exception): the weights as they are, for inspection; never resumed from.
 
-Once a newer checkpoint with an optimizer state is in place, older ones of the run lose theirs (unless
-save_optimizer asks to keep them): an optimizer state is twice the size of the weights it trains.
+An optimizer state is twice the size of the weights it trains, so a run keeps it only in its two newest
+resumable checkpoints (the newest, and one to fall back on should the newest be damaged), and in none but
+the final one once it has finished, unless save_optimizer asks to keep them all.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import os
 
 import torch
 
-from optimizer.optimizers import OPTIMIZER_STATE_FILE, save_optimizer_state
-from utils.checkpoint import (checkpoint_name, ensure_free_space, forget_file, read_record, save_pipeline)
+from optimizer.optimizers import save_optimizer_state
+from utils.checkpoint import (ERRORED_PREFIX, INTERRUPTED_PREFIX, OPTIMIZER_STATE_FILE, TEMPORARY_PREFIX,
+                              checkpoint_name, ensure_free_space, forget_file, read_record, save_pipeline)
 from utils.config import to_json_dict
 from utils.ema import EMA_FOLDER, save_ema_into
 from utils.single_file import save_single_file
@@ -29,7 +31,7 @@ from utils.training_state import save_resume_state
 
 log = logging.getLogger("train")
 
-PREFIXES = {"periodic": "", "interrupted": "interrupted-", "errored": "errored-", "final": "last-"}
+PREFIXES = {"periodic": "", "interrupted": INTERRUPTED_PREFIX, "errored": ERRORED_PREFIX, "final": "last-"}
 RESUMABLE_KINDS = ("periodic", "interrupted")
 
 
@@ -42,8 +44,6 @@ def save_checkpoint(run, kind: str) -> str | None:
     than the main one. Raises NonFiniteWeights and utils.checkpoint.NotEnoughDiskSpace before writing."""
     config, state, trainee = run.plan.config, run.state, run.trainee
     run.accelerator.wait_for_everyone()
-    if kind in ("periodic", "final"):
-        state.last_save_seconds, state.last_save_step = state.elapsed_seconds, state.global_step
     if not run.accelerator.is_main_process:
         return None
     modules = trainee.trained_modules()
@@ -70,10 +70,17 @@ def save_checkpoint(run, kind: str) -> str | None:
     log.info("saved %s%s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if trainee.ema else "",
              " with the training state" if resumable else " with the optimizer state" if with_optimizer else "")
     if kind != "errored" and not config.save_optimizer:
-        drop_older_optimizer_states(ckpts_dir, keep=folder)
+        drop_older_optimizer_states(ckpts_dir, keep=0 if kind == "final" else 2)
     if single_file:
         save_single_files(run, name, single_dir)
     return folder
+
+
+def resumable_save_at(run) -> bool:
+    """Whether this step's periodic save is in place (so an interrupted- one would repeat it)."""
+    config, state = run.plan.config, run.state
+    name = checkpoint_name(config.project_name, state.epoch, state.global_step, PREFIXES["periodic"])
+    return bool(run.run_dir) and os.path.isdir(os.path.join(run.run_dir, "ckpts", name))
 
 
 def write_training_state(run, with_optimizer: bool, resumable: bool, checkpoint_folder: str) -> None:
@@ -128,14 +135,18 @@ def save_sizes(run, ckpts_dir: str, single_dir: str | None, with_optimizer: bool
     return needs
 
 
-def drop_older_optimizer_states(ckpts_dir: str, keep: str) -> None:
-    """Delete the optimizer state of the run's other checkpoints (see the module doc)."""
+def drop_older_optimizer_states(ckpts_dir: str, keep: int) -> None:
+    """Delete the optimizer state of all but the `keep` newest of the run's checkpoints that hold one (see
+    the module doc). errored- checkpoints are left alone: they were never counted as resumable."""
+    holding = []
     for name in os.listdir(ckpts_dir):
         folder = os.path.join(ckpts_dir, name)
-        if folder == keep or name.startswith(".tmp-") or not os.path.isfile(os.path.join(folder, OPTIMIZER_STATE_FILE)):
+        if name.startswith((TEMPORARY_PREFIX, ERRORED_PREFIX)) or not os.path.isfile(
+                os.path.join(folder, OPTIMIZER_STATE_FILE)):
             continue
         try:
-            read_record(folder)
-        except (OSError, ValueError):
+            holding.append((int(read_record(folder)["global_step"]), folder))
+        except (OSError, ValueError, KeyError, TypeError):
             continue  # not a checkpoint this code wrote: leave it alone
+    for _, folder in sorted(holding, reverse=True)[keep:]:
         forget_file(folder, OPTIMIZER_STATE_FILE)

@@ -13,9 +13,8 @@ import random
 import numpy as np
 import torch
 
+from utils.checkpoint import RESUME_STATE_FILE
 from utils.loop_state import LoopState
-
-RESUME_STATE_FILE = "resume_state.pt"
 
 
 class ResumeStateError(Exception):
@@ -48,7 +47,10 @@ def load_resume_state(folder: str, optimizer, schedule, scaler) -> LoopState:
     if scaler is not None:
         scaler.load_state_dict(saved["scaler"])
     restore_rng(saved["rng"])
-    return LoopState(**saved["loop"])
+    try:
+        return LoopState(**saved["loop"])
+    except TypeError as error:  # saved by another version of the trainer
+        raise ResumeStateError(f"{folder}: its loop state does not fit this version ({error})") from None
 
 
 def capture_rng() -> dict:
