@@ -260,3 +260,42 @@ def test_force_resume_applies_the_new_learning_rate_from_the_current_step(tmp_pa
     assert new.param_groups[0]["lr"] == pytest.approx(3e-4 / 4)  # the new lr at step 3 of the schedule
     new_schedule.step()
     assert new.param_groups[0]["lr"] == pytest.approx(3e-4 / 5)
+
+
+def test_running_a_crashed_chain_again_finishes_it_without_redoing_sessions(tmp_path):
+    """chain.sh as shipped, on copies of the chain configs cut to one epoch each (session 1 saving after
+    every step, so there is something to continue): kill it during session 1, run it again."""
+    for name in ("train.py", "utils", "data", "optimizer", "examples"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "chain.sh").write_text((REPO / "chain.sh").read_text())
+    for index in range(3):
+        settings = json.loads((REPO / f"chain{index}.json").read_text())
+        settings.update(max_epochs=1, num_workers=0, no_save_ckpt=True)
+        if index == 1:
+            settings.update(ckpt_every_n_minutes=0.0001)
+        (tmp_path / f"chain{index}.json").write_text(json.dumps(settings))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # this environment's
+    (tmp_path / "bin" / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+    chain = subprocess.Popen(["bash", "chain.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not glob.glob(str(tmp_path / "logs" / "chain_ch1-*" / "ckpts" / "chain_ch1-*")):
+        assert chain.poll() is None and time.monotonic() < deadline, chain.stdout.read()
+        time.sleep(0.05)
+    os.killpg(chain.pid, signal.SIGKILL)
+    chain.wait()
+    assert not glob.glob(str(tmp_path / "logs" / "chain_ch2-*"))
+
+    again = subprocess.run(["bash", "chain.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    runs = sorted(path.name.split("-")[0] for path in (tmp_path / "logs").iterdir())
+    assert runs == ["chain_ch0", "chain_ch1", "chain_ch2"]  # one run folder per session: nothing redone
+    assert "already finished" in again.stdout
+    (session1,) = (tmp_path / "logs").glob("chain_ch1-*")
+    assert len(json.loads((session1 / "run_info.json").read_text())["resumed"]) == 1
+    (final1,) = (session1 / "ckpts").glob("last-*")
+    (session2,) = (tmp_path / "logs").glob("chain_ch2-*")
+    assert tmp_path / json.loads((session2 / "train_config.json").read_text())["resume_ckpt"] == final1
