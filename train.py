@@ -9,6 +9,7 @@ the phase before it; the loop's changing state lives in LoopState.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -42,6 +43,7 @@ class RunPlan:
     schedule: dict  # part -> optimizer.optimizer_config.ScheduleSteps
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
     ema_decay: float | None = None  # per EMA update; None: EMA off
+    sample_file: object = None  # utils.sample_prompts.SampleFile: the prompts as read at the start; None: no samples
     session_key: str = ""  # digest of the settings as given: how `--resume_run auto` finds this run again
     resume: object = None  # utils.resume.ResumeTarget when continuing a run (--resume_run)
 
@@ -128,6 +130,7 @@ def plan_run(argv: list[str]) -> RunPlan:
             resolve("ema_resume_model", newest, "findlast: newest finished checkpoint with EMA weights")
         except NoCheckpointFound as error:
             problems.append(ConfigProblem("ema_resume_model", loaded.origins["ema_resume_model"], str(error)))
+    sample_file = read_prompts(config, loaded, problems)
     optimizer_settings = load_optimizer_settings(config, loaded.origins)
     optimizer_package = OPTIMIZERS[optimizer_settings.unet.optimizer].package
     for needed, package, key in ((optimizer_package is not None, optimizer_package, "optimizer"),
@@ -181,7 +184,28 @@ def plan_run(argv: list[str]) -> RunPlan:
             loaded.notes.append(f"ema_update_interval: {config.ema_update_interval} optimizer steps is longer than "
                                 f"the run ({total_steps} steps): the EMA will never be updated.")
     return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay,
-                   started_as, resume)
+                   sample_file, started_as, resume)
+
+
+def read_prompts(config: TrainConfig, loaded: LoadedConfig, problems: list):
+    """The sample prompts file, read once before anything loads (a broken one given on purpose is a config
+    problem); None when there is none: the default file name that does not exist means no samples."""
+    from utils.sample_prompts import SamplePromptsError, default_settings, read_sample_prompts
+
+    if config.sample_prompts is None:
+        return None
+    defaults = default_settings(resolution=config.resolution, train_batch_size=config.batch_size, seed=config.seed,
+                                sample_steps=config.sample_steps)
+    try:
+        sample_file = read_sample_prompts(config.sample_prompts, defaults)
+    except SamplePromptsError as error:
+        if loaded.origins["sample_prompts"] == "default" and not os.path.exists(config.sample_prompts):
+            loaded.notes.append(f"no sample images: {config.sample_prompts} does not exist")
+        else:
+            problems.append(ConfigProblem("sample_prompts", loaded.origins["sample_prompts"], str(error)))
+        return None
+    loaded.notes.extend(f"{config.sample_prompts}: {note}" for note in sample_file.notes)
+    return sample_file
 
 
 def resolve_ema_decay(decay_rate: float | None, strength_target: float | None, updates: int) -> tuple[float, str]:
@@ -717,6 +741,8 @@ class Run:
     accelerator: object
     run_dir: str | None
     state: object  # utils.loop_state.LoopState
+    tracker: object = None  # utils.tracker.Tracker: TensorBoard on the main process
+    samples: object = None  # utils.sample_rounds.SampleRounds
 
 
 def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
@@ -728,6 +754,8 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
     from utils.run_checkpoints import NonFiniteWeights, resumable_save_at, save_checkpoint
+    from utils.sample_rounds import SampleRounds
+    from utils.tracker import make_tracker
     from utils.training_state import ResumeStateError, load_resume_state
 
     try:
@@ -742,7 +770,11 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError) as error:
         log.error("%s", error)
         return 2
-    with StopRequests() as stop:
+    # Events a killed run logged after the checkpoint being resumed are dropped: the resumed run logs them anew.
+    run.tracker = make_tracker(run_dir, accelerator.is_main_process,
+                               purge_step=run.state.global_step + 1 if plan.resume else None)
+    run.samples = SampleRounds(plan.config, plan.sample_file, [item.caption for item in plan.items], run_dir)
+    with StopRequests() as stop, contextlib.closing(run.tracker):
         try:
             if not train_epochs(run, stop):
                 if not resumable_save_at(run):  # a periodic save at this very step is as good, and done
@@ -751,6 +783,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                             stop.requested.name, run.state.global_step, run_dir or "last")
                 return stop.exit_code
             save_checkpoint(run, "final")
+            run.samples.draw(run.trainee, accelerator, run.tracker, run.state.global_step)  # after the save
         except KeyboardInterrupt:
             log.error("stopped at once by a second Ctrl-C at step %d, without saving", run.state.global_step)
             return 130
@@ -775,12 +808,9 @@ def train_epochs(run: Run, stop) -> bool:
 
     from data.dataset import EpochBatches, make_loader
     from utils.run_folder import SkipReport
-    from utils.tracker import make_tracker
 
-    plan, state, config, model = run.plan, run.state, run.plan.config, run.trainee.model
+    plan, state, config, model, tracker = run.plan, run.state, run.plan.config, run.trainee.model, run.tracker
     main_process = run.accelerator.is_main_process
-    # Events a killed run logged after the checkpoint being resumed are dropped: the resumed run logs them anew.
-    tracker = make_tracker(run.run_dir, main_process, purge_step=state.global_step + 1 if plan.resume else None)
     if not plan.resume:
         tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
     skipped = SkipReport(run.run_dir, plan.scan.skipped)
@@ -788,6 +818,8 @@ def train_epochs(run: Run, stop) -> bool:
     loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=run.accelerator.device.type == "cuda",
                          tokenize=functools.partial(model.family.tokenize, model.tokenizer))
     meter, progress = LossMeter(config.batch_size), make_progress(plan.total_batches, main_process, state.global_step)
+    if not state.global_step and run.samples.before_training():
+        run.samples.draw(run.trainee, run.accelerator, tracker, 0)
     try:
         while state.epoch < config.max_epochs:
             batches = plan.epoch_plan(state.epoch)
@@ -804,8 +836,11 @@ def train_epochs(run: Run, stop) -> bool:
                 state.elapsed_seconds += meter.add(loss)
                 progress.update(1)
                 if state.global_step % config.log_step == 0:
-                    tracker.scalars(meter.log_step_scalars(run.optimizer, state), state.global_step)
+                    tracker.scalars({**meter.log_step_scalars(run.optimizer, state), **device_scalars(run.accelerator)},
+                                    state.global_step)
                     progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, run.optimizer))
+                if run.samples.due(state.global_step):
+                    run.samples.draw(run.trainee, run.accelerator, tracker, state.global_step)
                 if ends_group(index, len(batches), config.grad_accum) and index + 1 < len(batches):
                     if stop.requested:
                         return False
@@ -821,9 +856,21 @@ def train_epochs(run: Run, stop) -> bool:
         return True
     finally:
         progress.close()
-        tracker.close()
         if skipped.seen:
             log.info("%s", skipped.summary().lstrip("; "))
+
+
+def device_scalars(accelerator) -> dict[str, float]:
+    """The fp16 grad scaler's scale (when there is one) and the peak VRAM in GiB (on CUDA), as EveryDream2
+    logs them."""
+    import torch
+
+    values = {}
+    if accelerator.scaler is not None:
+        values["hyperparameter/grad scale"] = accelerator.scaler.get_scale()
+    if accelerator.device.type == "cuda":
+        values["performance/vram"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    return values
 
 
 def save_after_error(run: Run) -> None:

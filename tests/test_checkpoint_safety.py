@@ -145,7 +145,7 @@ def run_demo_with_nan_losses(tmp_path: Path, monkeypatch, nan_steps: set[int]) -
     monkeypatch.setattr(train, "train_step", sometimes_nan)
     monkeypatch.chdir(REPO)
     code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", "0", "--logdir",
-                       str(tmp_path / "logs"), "--no_save_ckpt", "true"])
+                       str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null"])
     (run_dir,) = (tmp_path / "logs").iterdir()
     return code, run_dir
 

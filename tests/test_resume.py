@@ -31,7 +31,7 @@ SETTINGS = {"resume_ckpt": "builtin:tiny", "data_root": "examples/images", "proj
             "resolution": 256, "batch_size": 2, "grad_accum": 2, "max_epochs": 2, "lr": 1e-4,
             "lr_scheduler": "cosine", "lr_warmup_steps": 2, "seed": 7, "flip_p": 0.5, "cond_dropout": 0.1,
             "ema_decay_rate": 0.9, "ema_update_interval": 1, "log_step": 1, "num_workers": 1,
-            "ckpt_every_n_minutes": 0.0001, "no_save_ckpt": True}
+            "ckpt_every_n_minutes": 0.0001, "no_save_ckpt": True, "sample_prompts": None}
 TOTAL_STEPS = 14  # 12 images in 7 batches per epoch, 2 epochs
 
 

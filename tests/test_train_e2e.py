@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -27,27 +28,34 @@ BATCHES_PER_EPOCH = 7  # the 12 bundled images in 5 buckets (4+4+2+1+1) at batch
 LOG_STEP = 2
 
 
-def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=900)
+NO_SAMPLES = ("--sample_prompts", "null")  # sampling takes longer than training the tiny model
+
+
+def run_train(*args: str, cwd: Path = REPO, samples: bool = False) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "train.py", *args, *(() if samples else NO_SAMPLES)], cwd=cwd,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
 
 def demo_run(out: Path, *extra: str) -> dict:
-    """The demo config for EPOCHS epochs; returns the paths of its outputs."""
+    """The demo config for EPOCHS epochs, with samples; returns the paths of its outputs."""
     result = run_train("--config", "train.json", "--max_epochs", str(EPOCHS), "--log_step", str(LOG_STEP),
-                       "--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single"), *extra)
+                       "--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single"), *extra, samples=True)
     (run_dir,) = glob.glob(str(out / "logs" / "*"))
     return {"run_dir": Path(run_dir), "single": out / "single", "output": result.stdout + result.stderr}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two demo runs that differ only in the number of data-loader workers (automatic vs none), to check
-    the outputs and that the same config gives the same run whatever the workers."""
+    """Two demo runs that differ only in the number of data-loader workers (automatic vs none) and in how
+    often they sample (at the end only vs every 3 steps), to check the outputs and that neither changes
+    what is trained."""
     root = tmp_path_factory.mktemp("demo")
-    return demo_run(root / "a"), demo_run(root / "b", "--num_workers", "0")
+    quick = root / "quick_samples.json"  # one prompt, few steps: sampling often stays cheap
+    quick.write_text(json.dumps({"num_inference_steps": 4, "cfgs": [7, 1], "samples": [{"prompt": "a red circle"}]}))
+    return demo_run(root / "a"), demo_run(root / "b", "--num_workers", "0", "--sample_prompts", str(quick),
+                                          "--sample_steps", "3")
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -143,12 +151,31 @@ def test_training_changed_the_weights_and_lowered_the_loss(runs):
     assert epoch_losses[-1] < epoch_losses[0]
 
 
-def test_the_same_config_gives_the_same_loss_curve_and_weights_whatever_the_workers(runs):
+def test_the_same_config_gives_the_same_loss_curve_and_weights_whatever_the_workers_and_samples(runs):
     first, second = (run["run_dir"] for run in runs)
     assert scalars(first, "loss/log_step") == scalars(second, "loss/log_step")
     a = load_file(str(final_checkpoint(first) / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(final_checkpoint(second) / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_samples_are_drawn_at_the_end_and_every_sample_steps_into_files_and_tensorboard(runs):
+    demo_prompts = [line for line in (REPO / "sample_prompts.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    total = EPOCHS * BATCHES_PER_EPOCH
+    expected = ((demo_prompts, 3, [total]), (["a red circle"], 2, list(range(3, total + 1, 3)) + [total]))
+    for run, (prompts, cfgs, steps) in zip(runs, expected):
+        pictures = sorted((run["run_dir"] / "samples").glob("*.jpg"))
+        assert len(pictures) == len(prompts) * len(steps)
+        assert {int(p.name[2:7]) for p in pictures} == set(steps)
+        with Image.open(pictures[0]) as image:
+            assert image.size == (cfgs * 256, 256)  # one 256 px panel per CFG value
+        assert prompts[0] in (pictures[0].with_suffix(".txt")).read_text()
+        events = EventAccumulator(str(run["run_dir"]), size_guidance={"images": 0})
+        events.Reload()
+        tags = events.Tags()["images"]
+        assert len(tags) == len(prompts) and all(tag.startswith("samples/") for tag in tags)
+        assert [event.step for event in events.Images(tags[0])] == steps
 
 
 def test_warm_start_from_a_checkpoint_folder_with_a_frozen_text_encoder(runs, tmp_path):
@@ -270,7 +297,8 @@ def test_mixed_precision_trains_and_saves_frozen_weights_exactly(tmp_path):
     from utils.tiny_model import build_tiny_components
 
     result = subprocess.run([sys.executable, "-c", MIXED_PRECISION_RUN, "--config", "train.json", "--max_epochs", "1",
-                             "--disable_textenc_training", "--logdir", str(tmp_path / "logs"), "--no_save_ckpt"],
+                             "--disable_textenc_training", "--logdir", str(tmp_path / "logs"), "--no_save_ckpt",
+                             *NO_SAMPLES],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     (run_dir,) = (tmp_path / "logs").iterdir()

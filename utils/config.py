@@ -218,9 +218,9 @@ class TrainConfig:
         "cpu", "Where the EMA weights live: `cpu` (no GPU memory, slower updates) or `cuda`.", group="EMA",
         choices=("cpu", "cuda"))
     ema_sample_nonema_model: bool = option(
-        False, "With EMA on, also sample from the trained (non-EMA) model.", group="EMA", planned="sample images")
+        False, "With EMA on, also sample from the trained (non-EMA) model.", group="EMA")
     ema_sample_ema_model: bool = option(
-        False, "With EMA on, sample from the EMA model.", group="EMA", planned="sample images")
+        False, "With EMA on, sample from the EMA model.", group="EMA")
     ema_resume_model: str | None = option(
         None, "EMA weights to continue from: a checkpoint folder (its ema/), an EMA folder, or `findlast` (the "
         "newest checkpoint's); null = start the average from the model being trained.", group="EMA")
@@ -258,12 +258,13 @@ class TrainConfig:
     log_step: int = option(
         25, "Write loss and learning rate to TensorBoard every N steps.", group="Logging, samples and validation",
         minimum=1)
-    sample_prompts: str = option(
-        "sample_prompts.txt", "Prompts for sample images (.txt, one per line, or .json).",
-        group="Logging, samples and validation", planned="sample images")
+    sample_prompts: str | None = option(
+        "sample_prompts.txt", "Prompts for sample images (.txt, one per line, or EveryDream2's .json); re-read "
+        "before every round. null, or the default file missing = no samples. See doc/LOGGING.md.",
+        group="Logging, samples and validation")
     sample_steps: int = option(
-        250, "Generate sample images every N steps.", group="Logging, samples and validation", minimum=1,
-        planned="sample images")
+        250, "Generate sample images every N steps, and at the end (a .json's generate_samples_every_n_steps "
+        "overrides it).", group="Logging, samples and validation", minimum=1)
     validation_config: str | None = option(
         None, "Validation settings file (EveryDream2 format); null = no validation.",
         group="Logging, samples and validation", planned="validation")

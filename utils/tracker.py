@@ -16,6 +16,9 @@ class Tracker:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         pass
 
+    def images(self, images: dict, step: int) -> None:
+        """{tag: HWC uint8 array}."""
+
     def close(self) -> None:
         pass
 
@@ -34,6 +37,10 @@ class TensorBoardTracker(Tracker):
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, global_step=step)
+
+    def images(self, images: dict, step: int) -> None:
+        for tag, image in images.items():
+            self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
     def close(self) -> None:
         self.writer.close()
