@@ -44,6 +44,7 @@ class RunPlan:
     derived: list[str]  # "name = value (origin)" lines, printed and recorded
     ema_decay: float | None = None  # per EMA update; None: EMA off
     sample_file: object = None  # utils.sample_prompts.SampleFile: the prompts as read at the start; None: no samples
+    validation: object = None  # data.validation.ValidationPlan; None: no validation
     session_key: str = ""  # digest of the settings as given: how `--resume_run auto` finds this run again
     resume: object = None  # utils.resume.ResumeTarget when continuing a run (--resume_run)
 
@@ -54,7 +55,8 @@ class RunPlan:
 
     @property
     def items(self) -> list:
-        return self.scan.items
+        """The images that train: the scanned ones, less those held out for validation."""
+        return self.validation.train_items if self.validation else self.scan.items
 
     @property
     def total_batches(self) -> int:
@@ -148,10 +150,12 @@ def plan_run(argv: list[str]) -> RunPlan:
         problems.append(ConfigProblem("data_root", loaded.origins["data_root"], f"{config.data_root!r} holds no "
                                       "usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
                                       f"recursively.{reasons}"))
+    validation = plan_validation(config, loaded, scan, problems) if scan.items else None
     if problems:
         raise ConfigError(problems)
+    train_items = validation.train_items if validation else scan.items
     options = data_options(config)
-    per_epoch = batches_per_epoch(scan.items, options)
+    per_epoch = batches_per_epoch(train_items, options)
     if not sum(per_epoch):
         raise ConfigError([ConfigProblem("data_root", loaded.origins["data_root"], f"{len(scan.items)} usable "
                                          "images, but every one has multiply: 0, so nothing would train.")])
@@ -175,6 +179,7 @@ def plan_run(argv: list[str]) -> RunPlan:
     if problems:
         raise ConfigError(problems)
     derived += list(optimizer_settings.origins) + [f"{part}: {steps.origin}" for part, steps in schedule.items()]
+    derived += validation.summary if validation else []
     ema_decay = None
     if config.ema_decay_rate is not None or config.ema_strength_target is not None:
         updates = total_steps // config.ema_update_interval
@@ -184,7 +189,28 @@ def plan_run(argv: list[str]) -> RunPlan:
             loaded.notes.append(f"ema_update_interval: {config.ema_update_interval} optimizer steps is longer than "
                                 f"the run ({total_steps} steps): the EMA will never be updated.")
     return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay,
-                   sample_file, started_as, resume)
+                   sample_file, validation, started_as, resume)
+
+
+def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: list):
+    """The validation sets of validation_config (data/validation.py), or None; problems are added."""
+    if not config.validation_config:
+        return None
+    from data.validation import build_validation_plan, read_validation_config
+
+    try:
+        settings, notes = read_validation_config(config.validation_config)
+        loaded.notes.extend(notes)
+        if not settings.validate_training:
+            loaded.notes.append(f"{config.validation_config}: validate_training is false, so nothing is validated")
+            return None
+        validation = build_validation_plan(settings, scan.items, resolution=config.resolution,
+                                           batch_size=config.batch_size, data_root=config.data_root)
+    except ConfigError as error:
+        problems.extend(error.problems)
+        return None
+    loaded.notes.extend(validation.notes)
+    return validation
 
 
 def read_prompts(config: TrainConfig, loaded: LoadedConfig, problems: list):
@@ -743,11 +769,14 @@ class Run:
     state: object  # utils.loop_state.LoopState
     tracker: object = None  # utils.tracker.Tracker: TensorBoard on the main process
     samples: object = None  # utils.sample_rounds.SampleRounds
+    validation: object = None  # utils.validation_loss.Validation, when validation_config asks for it
 
 
 def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     """Train from the start or from the resumed checkpoint to the end, or until a signal or an error; save
     accordingly. Returns the exit code."""
+    import functools
+
     from optimizer.optimizers import apply_group_settings
     from utils.checkpoint import DamagedCheckpoint, NotEnoughDiskSpace
     from utils.interrupts import StopRequests
@@ -774,6 +803,11 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     run.tracker = make_tracker(run_dir, accelerator.is_main_process,
                                purge_step=run.state.global_step + 1 if plan.resume else None)
     run.samples = SampleRounds(plan.config, plan.sample_file, [item.caption for item in plan.items], run_dir)
+    if plan.validation:
+        from utils.validation_loss import Validation
+
+        run.validation = Validation(plan.validation, plan.batches_per_epoch,
+                                    functools.partial(trainee.model.family.tokenize, trainee.model.tokenizer))
     with StopRequests() as stop, contextlib.closing(run.tracker):
         try:
             if not train_epochs(run, stop):
@@ -813,13 +847,15 @@ def train_epochs(run: Run, stop) -> bool:
     main_process = run.accelerator.is_main_process
     if not plan.resume:
         tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
-    skipped = SkipReport(run.run_dir, plan.scan.skipped)
+    skipped = SkipReport(run.run_dir, plan.scan.skipped + (plan.validation.skipped if plan.validation else []))
     epoch_batches = EpochBatches()
     loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=run.accelerator.device.type == "cuda",
                          tokenize=functools.partial(model.family.tokenize, model.tokenizer))
     meter, progress = LossMeter(config.batch_size), make_progress(plan.total_batches, main_process, state.global_step)
     if not state.global_step and run.samples.before_training():
         run.samples.draw(run.trainee, run.accelerator, tracker, 0)
+    if not state.global_step:
+        validate_if_due(run)
     try:
         while state.epoch < config.max_epochs:
             batches = plan.epoch_plan(state.epoch)
@@ -841,6 +877,7 @@ def train_epochs(run: Run, stop) -> bool:
                     progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, run.optimizer))
                 if run.samples.due(state.global_step):
                     run.samples.draw(run.trainee, run.accelerator, tracker, state.global_step)
+                validate_if_due(run)
                 if ends_group(index, len(batches), config.grad_accum) and index + 1 < len(batches):
                     if stop.requested:
                         return False
@@ -858,6 +895,16 @@ def train_epochs(run: Run, stop) -> bool:
         progress.close()
         if skipped.seen:
             log.info("%s", skipped.summary().lstrip("; "))
+
+
+def validate_if_due(run: Run) -> None:
+    """Measure and log the validation losses when the validation schedule says so."""
+    if run.validation is None or not run.validation.due(run.state.global_step):
+        return
+    values = run.validation.measure(run.trainee, run.plan.config, run.accelerator)
+    run.tracker.scalars(values, run.state.global_step)
+    log.info("validation at step %d: %s", run.state.global_step,
+             ", ".join(f"{tag} {value:.4f}" for tag, value in values.items()))
 
 
 def device_scalars(accelerator) -> dict[str, float]:

@@ -266,8 +266,8 @@ class TrainConfig:
         250, "Generate sample images every N steps, and at the end (a .json's generate_samples_every_n_steps "
         "overrides it).", group="Logging, samples and validation", minimum=1)
     validation_config: str | None = option(
-        None, "Validation settings file (EveryDream2 format); null = no validation.",
-        group="Logging, samples and validation", planned="validation")
+        None, "Validation settings file (EveryDream2's format: validation_default.json works unchanged); "
+        "null = no validation. See doc/VALIDATION.md.", group="Logging, samples and validation")
     wandb: bool = option(
         False, "Also log to Weights & Biases.", group="Logging, samples and validation", planned="wandb logging")
     run_name: str | None = option(

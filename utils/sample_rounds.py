@@ -37,7 +37,7 @@ class SampleRounds:
 
     def draw(self, trainee, accelerator, tracker, global_step: int) -> None:
         """One round on the main process: the prompts as the file now says, by each model asked for."""
-        if self.folder is None or self.last_step == global_step:
+        if self.file is None or self.folder is None or self.last_step == global_step:
             return
         self.last_step = global_step
         self.file, warning = reload_sample_prompts(self.file.path, defaults_for(self.config), self.file)

@@ -1,0 +1,75 @@
+"""Validation loss in a run: fixed noise per image (the same model measures the same), the training loss,
+logged under EveryDream2's tags at the scheduled steps."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from data.items import scan_dataset
+from data.validation import build_validation_plan, parse_validation_settings
+from utils.config import TrainConfig
+from utils.model_family import SD1
+from utils.models import SDModel, training_noise_scheduler
+from utils.tiny_model import build_tiny_components
+from utils.validation_loss import Validation
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = str(REPO / "examples" / "images")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """The tiny model and a validation plan over the bundled images (a held-out split and a stabilize set)."""
+    model = SDModel(**build_tiny_components(), family=SD1, source="builtin:tiny")
+    trainee = train.Trainee(model, model.unet, model.text_encoder, True, True,
+                            training_noise_scheduler(model).alphas_cumprod)
+    settings, _ = parse_validation_settings({"auto_split_proportion": 0.25, "stabilize_training_loss": True}, "v.json")
+    plan = build_validation_plan(settings, scan_dataset(IMAGES, 256).items, resolution=256, batch_size=2,
+                                 data_root=IMAGES)
+    validation = Validation(plan, [4, 4], lambda captions: model.family.tokenize(model.tokenizer, captions))
+    return trainee, validation
+
+
+def test_the_same_model_measures_the_same_and_the_global_random_state_is_untouched(measured):
+    trainee, validation = measured
+    config, accelerator = TrainConfig(resume_ckpt="builtin:tiny"), Accelerator(cpu=True)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    first = validation.measure(trainee, config, accelerator)
+    assert torch.equal(before[0], torch.get_rng_state()) and before[1] == random.getstate()
+    assert (before[2] == np.random.get_state()[1]).all()
+    assert set(first) == {"loss/val", "loss/stabilize-train"} and all(v > 0 for v in first.values())
+    assert validation.measure(trainee, config, accelerator) == first
+    assert trainee.unet.training  # back in training mode
+
+
+def test_the_loss_type_and_min_snr_apply_as_in_training(measured):
+    trainee, validation = measured
+    accelerator = Accelerator(cpu=True)
+    mse = validation.measure(trainee, TrainConfig(resume_ckpt="builtin:tiny"), accelerator)
+    huber = validation.measure(trainee, TrainConfig(resume_ckpt="builtin:tiny", loss_type="huber"), accelerator)
+    snr = validation.measure(trainee, TrainConfig(resume_ckpt="builtin:tiny", min_snr_gamma=1.0), accelerator)
+    assert huber["loss/val"] != mse["loss/val"] and snr["loss/val"] != mse["loss/val"]
+
+
+def test_a_run_logs_validation_losses_at_the_scheduled_steps(tmp_path):
+    config = tmp_path / "validation.json"
+    config.write_text(json.dumps({"auto_split_proportion": 0.25, "stabilize_training_loss": True,
+                                  "every_n_epochs": 0.5}))
+    assert train.main(["--config", str(REPO / "train.json"), "--data_root", IMAGES, "--max_epochs", "1",
+                       "--num_workers", "0", "--validation_config", str(config), "--logdir", str(tmp_path / "logs"),
+                       "--sample_prompts", "null", "--no_save_ckpt", "true"]) == 0
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    batches = 6  # the 9 images left after holding out 3, at batch size 2 in their buckets
+    for tag in ("loss/val", "loss/stabilize-train"):
+        assert [e.step for e in events.Scalars(tag)] == [0, batches // 2, batches]  # before, mid-epoch, end

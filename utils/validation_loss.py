@@ -1,0 +1,84 @@
+"""Validation loss during a run: each set of data/validation.py's plan measured with the training loss
+(loss type, min-SNR, offset and pyramid noise as configured), with every image's latent sample, timestep
+and noise drawn from its own fixed seed, so two values of a curve differ only because the model changed.
+
+Images are loaded in the training process (validation sets are small); nothing here touches a global
+random generator, a gradient or a module's mode for good.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from data.dataset import Collate, PlannedImages
+from utils import diffusion
+from utils.samples import eval_mode
+
+log = logging.getLogger("train")
+
+
+class Validation:
+    """The validation sets of a run and when to measure them."""
+
+    def __init__(self, plan, batches_per_epoch: list[int], tokenize):
+        self.plan = plan  # data.validation.ValidationPlan
+        self.due_steps = {point.global_step for point in plan.schedule(batches_per_epoch)}
+        self.collate = Collate(tokenize)
+        self.first: dict[str, float] = {}  # each tag's first value, for use_relative_loss
+
+    def due(self, global_step: int) -> bool:
+        return global_step in self.due_steps
+
+    @torch.no_grad()
+    def measure(self, trainee, config, accelerator) -> dict[str, float]:
+        """{tag: loss} for every set (and the held-out sets' mean when there are several)."""
+        losses = {name: self.set_loss(name, trainee, config, accelerator) for name in self.plan.sets}
+        values = {self.plan.tags[name]: loss for name, loss in losses.items()}
+        if self.plan.combined_tag:
+            values[self.plan.combined_tag] = sum(losses[name] for name in self.plan.held_out) / len(self.plan.held_out)
+        if self.plan.settings.use_relative_loss:
+            values = {tag: value - self.first.setdefault(tag, value) for tag, value in values.items()}
+        return values
+
+    def set_loss(self, name: str, trainee, config, accelerator) -> float:
+        """The mean loss over the set's images (each image counts once, whatever its batch)."""
+        images = PlannedImages(self.plan.sets[name])
+        seeds = self.plan.seeds[name]
+        total, count = 0.0, 0
+        with eval_mode(trainee.unet, trainee.text_encoder):
+            for samples in self.plan.batches(name):
+                batch = self.collate([images[sample] for sample in samples])
+                if batch["pixels"] is None:
+                    continue  # none of its images could be read (reported by the training loader when it trains)
+                per_image = image_losses(trainee, batch, [seeds[i] for i in batch["indices"]], config, accelerator)
+                total, count = total + float(per_image.sum()), count + len(per_image)
+        return total / max(1, count)
+
+
+def image_losses(trainee, batch: dict, seeds: list[int], config, accelerator) -> torch.Tensor:
+    """The training loss of each image, with its latent sample, timestep and noise drawn from its own seed."""
+    model, device = trainee.model, accelerator.device
+    with accelerator.autocast():
+        pixels = batch["pixels"].to(device)
+        distribution = model.vae.encode(pixels).latent_dist
+        generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        latents = torch.cat([distribution.mean[i:i + 1] + distribution.std[i:i + 1] * torch.randn(
+            distribution.mean[i:i + 1].shape, generator=g, device=device) for i, g in enumerate(generators)])
+        latents = latents.float() * model.vae.config.scaling_factor
+        timesteps = torch.cat([diffusion.sample_timesteps(1, config.timestep_start, config.timestep_end, g, device)
+                               for g in generators])
+        noise = torch.cat([diffusion.sample_noise(latents[i:i + 1], g, config.zero_frequency_noise_ratio,
+                                                  config.pyramid_noise_discount or 0.0)
+                           for i, g in enumerate(generators)])
+        noisy = diffusion.add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
+        conditioning = model.family.encode(trainee.text_encoder, batch["input_ids"].to(device), config.clip_skip)
+        prediction = trainee.unet(noisy, timesteps, conditioning.hidden_states, **conditioning.unet_kwargs).sample
+    target = diffusion.training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
+    losses = diffusion.per_sample_loss(prediction.float(), target, config.loss_type,
+                                       timesteps / len(trainee.alphas_cumprod))
+    if config.min_snr_gamma:
+        losses = losses * diffusion.min_snr_weights(diffusion.snr(trainee.alphas_cumprod, timesteps),
+                                                    config.min_snr_gamma, model.prediction_type)
+    return losses
