@@ -816,6 +816,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                 log.warning("stopped by %s at step %d; continue with: python train.py --resume_run %s",
                             stop.requested.name, run.state.global_step, run_dir or "last")
                 return stop.exit_code
+            run.state.last_save_seconds, run.state.last_save_step = run.state.elapsed_seconds, run.state.global_step
             save_checkpoint(run, "final")
             run.samples.draw(run.trainee, accelerator, run.tracker, run.state.global_step)  # after the save
         except KeyboardInterrupt:

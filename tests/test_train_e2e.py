@@ -38,10 +38,10 @@ def run_train(*args: str, cwd: Path = REPO, samples: bool = False) -> subprocess
     return result
 
 
-def demo_run(out: Path, *extra: str) -> dict:
-    """The demo config for EPOCHS epochs, with samples; returns the paths of its outputs."""
+def demo_run(out: Path, *extra: str, samples: bool = False) -> dict:
+    """The demo config for EPOCHS epochs; returns the paths of its outputs."""
     result = run_train("--config", "train.json", "--max_epochs", str(EPOCHS), "--log_step", str(LOG_STEP),
-                       "--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single"), *extra, samples=True)
+                       "--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single"), *extra, samples=samples)
     (run_dir,) = glob.glob(str(out / "logs" / "*"))
     return {"run_dir": Path(run_dir), "single": out / "single", "output": result.stdout + result.stderr}
 
@@ -54,8 +54,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     quick = root / "quick_samples.json"  # one prompt, few steps: sampling often stays cheap
     quick.write_text(json.dumps({"num_inference_steps": 4, "cfgs": [7, 1], "samples": [{"prompt": "a red circle"}]}))
-    return demo_run(root / "a"), demo_run(root / "b", "--num_workers", "0", "--sample_prompts", str(quick),
-                                          "--sample_steps", "3")
+    return (demo_run(root / "a", samples=True),
+            demo_run(root / "b", "--num_workers", "0", "--sample_prompts", str(quick), "--sample_steps", "3",
+                     samples=True))
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
