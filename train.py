@@ -210,6 +210,10 @@ def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: l
         problems.extend(error.problems)
         return None
     loaded.notes.extend(validation.notes)
+    for key in ("early_stopping_patience", "save_best_val"):
+        if getattr(config, key) and not validation.held_out:
+            problems.append(ConfigProblem(key, loaded.origins[key], f"needs a held-out validation set, and "
+                                          f"{config.validation_config} holds out none (only stabilize-train)."))
     return validation
 
 
@@ -843,6 +847,7 @@ def train_epochs(run: Run, stop) -> bool:
 
     from data.dataset import EpochBatches, make_loader
     from utils.run_folder import SkipReport
+    from utils.watch import SpikeWatch
 
     plan, state, config, model, tracker = run.plan, run.state, run.plan.config, run.trainee.model, run.tracker
     main_process = run.accelerator.is_main_process
@@ -853,10 +858,11 @@ def train_epochs(run: Run, stop) -> bool:
     loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=run.accelerator.device.type == "cuda",
                          tokenize=functools.partial(model.family.tokenize, model.tokenizer))
     meter, progress = LossMeter(config.batch_size), make_progress(plan.total_batches, main_process, state.global_step)
+    spikes = SpikeWatch()
     if not state.global_step and run.samples.before_training():
         run.samples.draw(run.trainee, run.accelerator, tracker, 0)
     if not state.global_step:
-        validate_if_due(run)
+        validate_if_due(run)  # the baseline: it cannot stop the run
     try:
         while state.epoch < config.max_epochs:
             batches = plan.epoch_plan(state.epoch)
@@ -864,6 +870,7 @@ def train_epochs(run: Run, stop) -> bool:
                 write_schedule(run.run_dir, plan, state.epoch, batches)
             epoch_batches.set_plan(batches[state.batch_in_epoch:])  # a resumed epoch goes on where it stopped
             meter.start_epoch()
+            early_stop = False
             for index, batch in enumerate(loader, start=state.batch_in_epoch):
                 skipped.add(batch["failed"])
                 loss, grad_norms = train_batch(run.trainee, batch, index, len(batches), run.optimizer, run.schedule,
@@ -875,18 +882,25 @@ def train_epochs(run: Run, stop) -> bool:
                 if state.global_step % config.log_step == 0:
                     tracker.scalars({**meter.log_step_scalars(run.optimizer, state), **device_scalars(run.accelerator)},
                                     state.global_step)
+                    warn_of_a_spike(spikes, meter.last_log_loss, state.global_step)
                     progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, run.optimizer))
                 if run.samples.due(state.global_step):
                     run.samples.draw(run.trainee, run.accelerator, tracker, state.global_step)
-                validate_if_due(run)
+                if validate_if_due(run):
+                    early_stop = True  # the run is done, and gets its final save
+                    break
                 if ends_group(index, len(batches), config.grad_accum) and index + 1 < len(batches):
                     if stop.requested:
                         return False
                     if periodic_save_due(plan, state, end_of_epoch=False):
                         save_periodic(run)
+            if state.batch_in_epoch < len(batches):  # stopped early within the epoch
+                return True
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             tracker.scalars(meter.epoch_scalars(), state.global_step)
             log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
+            if early_stop:
+                return True
             if periodic_save_due(plan, state, end_of_epoch=True):
                 save_periodic(run)
             if stop.requested and state.epoch < config.max_epochs:  # at the very end, the final save
@@ -898,14 +912,43 @@ def train_epochs(run: Run, stop) -> bool:
             log.info("%s", skipped.summary().lstrip("; "))
 
 
-def validate_if_due(run: Run) -> None:
-    """Measure and log the validation losses when the validation schedule says so."""
-    if run.validation is None or not run.validation.due(run.state.global_step):
-        return
-    values = run.validation.measure(run.trainee, run.plan.config, run.accelerator)
-    run.tracker.scalars(values, run.state.global_step)
-    log.info("validation at step %d: %s", run.state.global_step,
+def validate_if_due(run: Run) -> bool:
+    """Measure and log the validation losses when the validation schedule says so; keep the best
+    checkpoint (save_best_val). True when early stopping ends the run."""
+    from utils.run_checkpoints import save_checkpoint
+    from utils.watch import validation_verdict
+
+    state, config = run.state, run.plan.config
+    if run.validation is None or not run.validation.due(state.global_step):
+        return False
+    values = run.validation.measure(run.trainee, config, run.accelerator)
+    run.tracker.scalars(values, state.global_step)
+    log.info("validation at step %d: %s", state.global_step,
              ", ".join(f"{tag} {value:.4f}" for tag, value in values.items()))
+    watched = run.validation.watched_tag
+    if watched is None:
+        return False
+    improved, state.validations_without_improvement, stop = validation_verdict(
+        values[watched], state.best_validation_loss, state.validations_without_improvement,
+        config.early_stopping_patience)
+    if improved:
+        state.best_validation_loss = values[watched]
+        if config.save_best_val and state.global_step:
+            save_checkpoint(run, "best")
+    if stop:
+        log.warning("early stopping at step %d: %s has not improved on its best (%.4f) for %d validations in a "
+                    "row (early_stopping_patience)", state.global_step, watched, state.best_validation_loss,
+                    state.validations_without_improvement)
+    return stop
+
+
+def warn_of_a_spike(spikes, loss: float, global_step: int) -> None:
+    """The first log-step loss far above the recent ones, reported once with its step."""
+    recent = spikes.add(loss)
+    if recent is not None:
+        log.warning("step %d: the training loss (%.4f) is over %g times its recent mean (%.4f). If it stays high, "
+                    "lower lr; if it falls back, look at this step's images (write_schedule lists them).",
+                    global_step, loss, spikes.factor, recent)
 
 
 def device_scalars(accelerator) -> dict[str, float]:

@@ -73,3 +73,37 @@ def test_a_run_logs_validation_losses_at_the_scheduled_steps(tmp_path):
     batches = 6  # the 9 images left after holding out 3, at batch size 2 in their buckets
     for tag in ("loss/val", "loss/stabilize-train"):
         assert [e.step for e in events.Scalars(tag)] == [0, batches // 2, batches]  # before, mid-epoch, end
+
+
+def test_early_stopping_ends_the_run_with_its_final_save_when_validation_stops_improving(tmp_path):
+    """At lr 1e-30 the weights cannot change in fp32, so the validation loss never falls below the baseline:
+    two validations later, the run stops."""
+    config = tmp_path / "validation.json"
+    config.write_text(json.dumps({"auto_split_proportion": 0.25, "every_n_epochs": 0.5}))
+    assert train.main(["--config", str(REPO / "train.json"), "--data_root", IMAGES, "--max_epochs", "3", "--lr", "1e-30",
+                       "--num_workers", "0", "--validation_config", str(config), "--early_stopping_patience", "2",
+                       "--save_best_val", "true", "--logdir", str(tmp_path / "logs"), "--sample_prompts", "null",
+                       "--no_save_ckpt", "true"]) == 0
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    (final,) = (run_dir / "ckpts").iterdir()  # no best- one: nothing ever improved on the baseline
+    assert final.name == "last-demo-ep01-gs00006"  # validations at 0, 3 and 6: stopped after the third
+    assert "early stopping at step 6: loss/val has not improved" in (run_dir / "train.log").read_text()
+
+
+def test_the_best_validation_checkpoint_is_kept_and_replaced(tmp_path):
+    config = tmp_path / "validation.json"
+    config.write_text(json.dumps({"auto_split_proportion": 0.25, "every_n_epochs": 0.5}))
+    assert train.main(["--config", str(REPO / "train.json"), "--data_root", IMAGES, "--max_epochs", "1",
+                       "--lr", "1e-3", "--num_workers", "0", "--validation_config", str(config), "--save_best_val",
+                       "true", "--logdir", str(tmp_path / "logs"), "--sample_prompts", "null",
+                       "--no_save_ckpt", "true"]) == 0
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("loss/val")]
+    best_step = min((value, step) for step, value in losses)[1]
+    best = [p.name for p in (run_dir / "ckpts").iterdir() if p.name.startswith("best-")]
+    if best_step == 0:
+        assert best == []  # the untrained model was the best: nothing to keep beyond the base model
+    else:
+        assert best == [f"best-demo-ep00-gs{best_step:05d}"]  # saved as validated, before the epoch is counted

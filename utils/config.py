@@ -268,6 +268,13 @@ class TrainConfig:
     validation_config: str | None = option(
         None, "Validation settings file (EveryDream2's format: validation_default.json works unchanged); "
         "null = no validation. See doc/VALIDATION.md.", group="Logging, samples and validation")
+    early_stopping_patience: int | None = option(
+        None, "Stop the run (with its last- save) after this many validations in a row without a lower "
+        "validation loss; null = never. Needs a held-out validation set (validation_config).",
+        group="Logging, samples and validation", minimum=1)
+    save_best_val: bool = option(
+        False, "Keep a best- checkpoint of the lowest validation loss so far (replaced when it improves). "
+        "Needs a held-out validation set.", group="Logging, samples and validation")
     wandb: bool = option(
         False, "Also log to Weights & Biases.", group="Logging, samples and validation", planned="wandb logging")
     run_name: str | None = option(
@@ -552,6 +559,9 @@ def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> 
             "or findlast.")
     if cfg.ema_resume_model and cfg.ema_decay_rate is None and cfg.ema_strength_target is None:
         add("ema_resume_model", "is set but EMA is off: set ema_decay_rate or ema_strength_target too.")
+    for key in ("early_stopping_patience", "save_best_val"):
+        if getattr(cfg, key) and not cfg.validation_config:
+            add(key, "needs validation_config: it watches the validation loss.")
     if cfg.disable_unet_training and cfg.disable_textenc_training:
         add("disable_unet_training", "and disable_textenc_training are both true: nothing would train.")
     if cfg.timestep_start >= cfg.timestep_end:

@@ -18,6 +18,8 @@ class LoopState:
     last_save_step: int = -1  # global_step of the last save (-1: none yet)
     nonfinite_batches: int = 0  # batches skipped because their loss was NaN or infinite
     nonfinite_in_a_row: int = 0  # of those, how many just now, in a row
+    best_validation_loss: float | None = None  # the lowest held-out validation loss so far
+    validations_without_improvement: int = 0  # since then (early_stopping_patience)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,7 +6,9 @@ Kinds of save, and what they hold beyond the diffusers pipeline (utils/checkpoin
   the single-file .safetensors;
 - `interrupted` (Ctrl-C, SIGTERM): the same without the single file, saved quickly before the process ends;
 - `final` (`last-`): the EMA, the optimizer state with save_optimizer, and the single file;
-- `errored` (an exception): the weights as they are, for inspection; never resumed from.
+- `errored` (an exception): the weights as they are, for inspection; never resumed from;
+- `best` (save_best_val): the weights and EMA at the lowest validation loss so far, replacing the
+  previous `best-` one; no training state, no single file.
 
 An optimizer state is twice the size of the weights it trains, so a run keeps it only in its two newest
 resumable checkpoints (the newest, and one to fall back on should the newest be damaged), and in none but
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 
 import torch
 
@@ -31,7 +34,8 @@ from utils.training_state import save_resume_state
 
 log = logging.getLogger("train")
 
-PREFIXES = {"periodic": "", "interrupted": INTERRUPTED_PREFIX, "errored": ERRORED_PREFIX, "final": "last-"}
+PREFIXES = {"periodic": "", "interrupted": INTERRUPTED_PREFIX, "errored": ERRORED_PREFIX, "final": "last-",
+            "best": "best-"}
 RESUMABLE_KINDS = ("periodic", "interrupted")
 
 
@@ -69,8 +73,12 @@ def save_checkpoint(run, kind: str) -> str | None:
     folder = save_pipeline(os.path.join(ckpts_dir, name), pipeline, record, to_json_dict(config), extras)
     log.info("saved %s%s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if trainee.ema else "",
              " with the training state" if resumable else " with the optimizer state" if with_optimizer else "")
-    if kind != "errored" and not config.save_optimizer:
+    if kind in ("periodic", "interrupted", "final") and not config.save_optimizer:
         drop_older_optimizer_states(ckpts_dir, keep=0 if kind == "final" else 2)
+    if kind == "best":
+        for name in os.listdir(ckpts_dir):  # the earlier best one
+            if name.startswith(PREFIXES["best"]) and os.path.join(ckpts_dir, name) != folder:
+                shutil.rmtree(os.path.join(ckpts_dir, name), ignore_errors=True)
     if single_file:
         save_single_files(run, name, single_dir)
     return folder

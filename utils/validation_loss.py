@@ -31,6 +31,13 @@ class Validation:
     def due(self, global_step: int) -> bool:
         return global_step in self.due_steps
 
+    @property
+    def watched_tag(self) -> str | None:
+        """The curve early stopping and save_best_val watch: the held-out sets' mean, or the one held-out
+        set; None when every set is also trained on."""
+        held_out = self.plan.held_out
+        return self.plan.combined_tag or (self.plan.tags[held_out[0]] if held_out else None)
+
     @torch.no_grad()
     def measure(self, trainee, config, accelerator) -> dict[str, float]:
         """{tag: loss} for every set (and the held-out sets' mean when there are several)."""
