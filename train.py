@@ -846,6 +846,7 @@ def train_epochs(run: Run, stop) -> bool:
     import functools
 
     from data.dataset import EpochBatches, make_loader
+    from utils.loop_reports import LossMeter, device_scalars, make_progress, warn_of_a_spike
     from utils.run_folder import SkipReport
     from utils.watch import SpikeWatch
 
@@ -942,28 +943,6 @@ def validate_if_due(run: Run) -> bool:
     return stop
 
 
-def warn_of_a_spike(spikes, loss: float, global_step: int) -> None:
-    """The first log-step loss far above the recent ones, reported once with its step."""
-    recent = spikes.add(loss)
-    if recent is not None:
-        log.warning("step %d: the training loss (%.4f) is over %g times its recent mean (%.4f). If it stays high, "
-                    "lower lr; if it falls back, look at this step's images (write_schedule lists them).",
-                    global_step, loss, spikes.factor, recent)
-
-
-def device_scalars(accelerator) -> dict[str, float]:
-    """The fp16 grad scaler's scale (when there is one) and the peak VRAM in GiB (on CUDA), as EveryDream2
-    logs them."""
-    import torch
-
-    values = {}
-    if accelerator.scaler is not None:
-        values["hyperparameter/grad scale"] = accelerator.scaler.get_scale()
-    if accelerator.device.type == "cuda":
-        values["performance/vram"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    return values
-
-
 def save_after_error(run: Run) -> None:
     """An errored- checkpoint of the weights as they are, when they can be saved at all."""
     from utils.run_checkpoints import save_checkpoint
@@ -975,74 +954,6 @@ def save_after_error(run: Run) -> None:
                       "periodic or interrupted- checkpoint)", folder)
     except Exception as error:  # noqa: BLE001 - a failed rescue must not hide the error that caused it
         log.error("no errored- checkpoint could be saved: %s", error)
-
-
-def make_progress(total_steps: int, is_main_process: bool, done: int = 0):
-    """A step progress bar on the main process; tqdm hides it when the output is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True,
-                disable=None if is_main_process else True)
-
-
-GRAD_NORM_TAGS = {"unet": "optimizer/unet_grad_norm", "text encoder": "optimizer/te_grad_norm"}  # EveryDream2's
-
-
-class LossMeter:
-    """Losses and timings for the log-step and epoch scalars.
-
-    Losses stay on the device until they are logged, so the loop does not wait for the GPU every step.
-    """
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.since_log: list = []
-        self.epoch: list = []
-        self.grad_norms: dict = {}  # part -> norm at the latest optimizer step (log_grad_norm)
-        self.last_tick = self.log_started = self.epoch_started = time.monotonic()
-
-    def start_epoch(self) -> None:
-        self.epoch, self.epoch_started = [], time.monotonic()
-
-    def add(self, loss) -> float:
-        """Record a batch's loss (None: nothing trained); the seconds since the previous batch."""
-        if loss is not None:
-            self.since_log.append(loss)
-            self.epoch.append(loss)
-        now = time.monotonic()
-        seconds, self.last_tick = now - self.last_tick, now
-        return seconds
-
-    @staticmethod
-    def _mean(losses: list) -> float:
-        import torch
-
-        return torch.stack(losses).float().mean().item() if losses else float("nan")
-
-    def log_step_scalars(self, optimizer, state) -> dict[str, float]:
-        """Mean loss, learning rates and throughput since the last log step, under EveryDream2's tag names;
-        the count of batches skipped for a NaN or infinite loss once there are any."""
-        now = time.monotonic()
-        values = {"loss/log_step": self._mean(self.since_log),
-                  "performance/images per second": len(self.since_log) * self.batch_size / max(now - self.log_started,
-                                                                                                1e-9)}
-        values.update({f"hyperparameter/lr {group['name']}": group["lr"] for group in optimizer.param_groups})
-        values.update({GRAD_NORM_TAGS[name]: norm.item() for name, norm in self.grad_norms.items()})
-        if state.nonfinite_batches:
-            values["loss/nonfinite batches skipped"] = state.nonfinite_batches
-        self.last_log_loss = values["loss/log_step"]
-        self.since_log, self.log_started = [], now
-        return values
-
-    def postfix(self, epoch: int, max_epochs: int, optimizer) -> str:
-        return f"epoch {epoch + 1}/{max_epochs}, loss {self.last_log_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}"
-
-    def epoch_scalars(self) -> dict[str, float]:
-        return {"loss/epoch": self._mean(self.epoch),
-                "performance/minutes per epoch": (time.monotonic() - self.epoch_started) / 60}
-
-    def epoch_summary(self) -> str:
-        return f"mean loss {self._mean(self.epoch):.4f}, {(time.monotonic() - self.epoch_started) / 60:.2f} min"
 
 
 if __name__ == "__main__":
