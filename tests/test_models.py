@@ -28,19 +28,6 @@ SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_components()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    StableDiffusionPipeline(**tiny, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
-    return str(folder)
-
-
 def shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 

@@ -33,20 +33,6 @@ from utils.single_file_load import (
     converted_folder,
     default_config,
 )
-from utils.tiny_model import build_tiny_components
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_components()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    StableDiffusionPipeline(**tiny, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
