@@ -92,7 +92,9 @@ def test_every_key_is_usable_in_json_and_on_the_command_line(tmp_path, images):
     for name in FIELDS:
         value = example_value(name, images, optimizer_file)
         assert value != FIELDS[name].default, name
-        needs = {"ema_decay_rate": 0.9} if name == "ema_resume_model" else {}  # the keys it only works with
+        needs = {"ema_resume_model": {"ema_decay_rate": 0.9},  # the keys it only works with
+                 "early_stopping_patience": {"validation_config": "validation.json"},
+                 "save_best_val": {"validation_config": "validation.json"}}.get(name, {})
         from_json = load_config(["--config", write_config(tmp_path, {**base, **needs, name: value})]).config
         from_cli = load_config(["--config", write_config(tmp_path, {**base, **needs}), f"--{name}",
                                 *as_flag_values(value)]).config
@@ -361,3 +363,13 @@ def test_ema_settings_that_cannot_work_are_errors(tmp_path, images, values, key,
     with pytest.raises(ConfigError) as error:
         load_config(["--config", path])
     assert any(p.key == key and text in p.message for p in error.value.problems)
+
+
+def test_early_stopping_and_the_best_checkpoint_need_a_validation_config(tmp_path, images):
+    path = write_config(tmp_path, {"resume_ckpt": "builtin:tiny", "data_root": images, "early_stopping_patience": 3,
+                                   "save_best_val": True})
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(["--config", path])
+    found = problems_of(excinfo)
+    assert all(any(key in p and "needs validation_config" in p for p in found)
+               for key in ("early_stopping_patience", "save_best_val"))
