@@ -689,9 +689,16 @@ def write_schedule(run_dir: str, plan: RunPlan, epoch: int, batches: list) -> No
 
 
 def dry_run(plan: RunPlan) -> int:
-    """--dry_run: the checks, the report and the records, in a run folder; no model is loaded."""
+    """--dry_run: the checks, the report and the records, in a run folder; no model is loaded. With
+    --resume_run, only what would be resumed: the run's folder is left as it is."""
     from utils.models import load_tokenizer
     from utils.run_folder import SkipReport, create_run_folder, write_run_settings
+
+    if plan.resume:
+        for line in plan.derived + [f"note: {note}" for note in run_info(plan)["notes"]]:
+            print(f"  {line}")
+        print(f"dry run: {plan.resume.run_dir} can be resumed from {plan.resume.checkpoint}; nothing was written.")
+        return 0
 
     run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
     write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan))

@@ -299,3 +299,15 @@ def test_running_a_crashed_chain_again_finishes_it_without_redoing_sessions(tmp_
     (final1,) = (session1 / "ckpts").glob("last-*")
     (session2,) = (tmp_path / "logs").glob("chain_ch2-*")
     assert tmp_path / json.loads((session2 / "train_config.json").read_text())["resume_ckpt"] == final1
+
+
+def test_a_run_resumes_without_its_config_even_when_its_base_model_is_gone(tmp_path, images):
+    base = tmp_path / "base_model"  # stands for the previous session's checkpoint, deleted since
+    base.mkdir()
+    run_dir = fake_run(tmp_path, write_config(tmp_path, data_root=str(images), resume_ckpt=str(base)))
+    base.rmdir()
+    plan = train.plan_run(["--resume_run", str(run_dir), "--dry_run", "true"])
+    assert plan.resume.run_dir == str(run_dir) and plan.model_source == plan.resume.checkpoint
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    assert train.dry_run(plan) == 0
+    assert sorted(p.name for p in run_dir.rglob("*")) == before and len(list((tmp_path / "logs").iterdir())) == 1

@@ -89,7 +89,9 @@ def load_settings(argv: list[str]) -> tuple[LoadedConfig, ResumeTarget | None]:
                                         session_key(to_json_dict(loaded.config)), project)
         else:
             target = find_resume_target(flags.get("logdir", field_default("logdir")), flags["resume_run"], "")
-            loaded = load_config(["--config", os.path.join(target.run_dir, CONFIG_FILE), *argv])
+            # The weights come from the checkpoint: the model the run started from may be gone by now.
+            loaded = load_config(["--config", os.path.join(target.run_dir, CONFIG_FILE),
+                                  "--resume_ckpt", target.checkpoint, *argv])
     except ResumeError as error:
         raise ConfigError([ConfigProblem("resume_run", "command line", str(error))]) from None
     if isinstance(target, FinishedRun):
