@@ -220,14 +220,12 @@ def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: l
 def read_prompts(config: TrainConfig, loaded: LoadedConfig, problems: list):
     """The sample prompts file, read once before anything loads (a broken one given on purpose is a config
     problem); None when there is none: the default file name that does not exist means no samples."""
-    from utils.sample_prompts import SamplePromptsError, default_settings, read_sample_prompts
+    from utils.sample_prompts import SamplePromptsError, read_sample_prompts, settings_for
 
     if config.sample_prompts is None:
         return None
-    defaults = default_settings(resolution=config.resolution, train_batch_size=config.batch_size, seed=config.seed,
-                                sample_steps=config.sample_steps)
     try:
-        sample_file = read_sample_prompts(config.sample_prompts, defaults)
+        sample_file = read_sample_prompts(config.sample_prompts, settings_for(config))
     except SamplePromptsError as error:
         if loaded.origins["sample_prompts"] == "default" and not os.path.exists(config.sample_prompts):
             loaded.notes.append(f"no sample images: {config.sample_prompts} does not exist")
@@ -641,7 +639,7 @@ def save_periodic(run) -> None:
     from utils.checkpoint import NotEnoughDiskSpace
     from utils.run_checkpoints import save_checkpoint
 
-    run.state.last_save_seconds, run.state.last_save_step = run.state.elapsed_seconds, run.state.global_step
+    run.state.mark_saved()
     try:
         save_checkpoint(run, "periodic")
     except NotEnoughDiskSpace as error:
@@ -827,7 +825,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                 log.warning("stopped by %s at step %d; continue with: python train.py --resume_run %s",
                             stop.requested.name, run.state.global_step, run_dir or "last")
                 return stop.exit_code
-            run.state.last_save_seconds, run.state.last_save_step = run.state.elapsed_seconds, run.state.global_step
+            run.state.mark_saved()
             save_checkpoint(run, "final")
             run.samples.draw(run.trainee, accelerator, run.tracker, run.state.global_step)  # after the save
         except KeyboardInterrupt:

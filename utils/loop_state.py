@@ -21,5 +21,9 @@ class LoopState:
     best_validation_loss: float | None = None  # the lowest held-out validation loss so far
     validations_without_improvement: int = 0  # since then (early_stopping_patience)
 
+    def mark_saved(self) -> None:
+        """Restart the save clocks (periodic_save_due) at this step."""
+        self.last_save_seconds, self.last_save_step = self.elapsed_seconds, self.global_step
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -127,9 +127,8 @@ def first_nonfinite_weight(modules: dict[str, torch.nn.Module]) -> str | None:
 def save_sizes(run, ckpts_dir: str, single_dir: str | None, with_optimizer: bool) -> dict[str, int]:
     """Bytes a save puts in each folder, over-estimated slightly (it leaves out nothing it writes)."""
     model, ema = run.trainee.model, run.trainee.ema
-    modules = (model.unet, model.vae, model.text_encoder)
-    weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
-    folder = weights
+    tensors = [t for m in (model.unet, model.vae, model.text_encoder) for t in m.state_dict().values()]
+    folder = sum(t.numel() * t.element_size() for t in tensors)
     if ema is not None:
         folder += sum(t.numel() * 4 for averages in ema.averages.values() for t in averages.values())
     if with_optimizer:
@@ -137,7 +136,7 @@ def save_sizes(run, ckpts_dir: str, single_dir: str | None, with_optimizer: bool
                       for t in values.values() if torch.is_tensor(t))
     needs = {ckpts_dir: folder}
     if single_dir:
-        per_file = sum(t.numel() for m in modules for t in m.state_dict().values())
+        per_file = sum(t.numel() for t in tensors)
         per_file *= 4 if run.plan.config.save_full_precision else 2
         needs[single_dir] = needs.get(single_dir, 0) + per_file * (2 if ema is not None else 1)
     return needs

@@ -213,6 +213,12 @@ def default_settings(*, resolution: int, train_batch_size: int, seed: int, sampl
                           resolution=resolution)
 
 
+def settings_for(config) -> SampleSettings:
+    """default_settings from a TrainConfig's resolution, batch size, seed and sample_steps."""
+    return default_settings(resolution=config.resolution, train_batch_size=config.batch_size, seed=config.seed,
+                            sample_steps=config.sample_steps)
+
+
 def read_sample_prompts(path: str, defaults: SampleSettings) -> SampleFile:
     """Read a .txt or .json prompts file; raises SamplePromptsError for people."""
     extension = os.path.splitext(path)[1].lower()

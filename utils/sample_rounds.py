@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from utils.sample_prompts import SampleFile, default_settings, reload_sample_prompts, with_random_captions
+from utils.sample_prompts import SampleFile, reload_sample_prompts, settings_for, with_random_captions
 from utils.samples import generate_samples
 
 log = logging.getLogger("train")
@@ -40,7 +40,7 @@ class SampleRounds:
         if self.file is None or self.folder is None or self.last_step == global_step:
             return
         self.last_step = global_step
-        self.file, warning = reload_sample_prompts(self.file.path, defaults_for(self.config), self.file)
+        self.file, warning = reload_sample_prompts(self.file.path, settings_for(self.config), self.file)
         if warning:
             log.warning("%s", warning)
         if self.file is None:
@@ -65,11 +65,6 @@ class SampleRounds:
                     autocast_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision))
             tracker.images({sample.tag: np.asarray(sample.image) for sample in samples}, global_step)
         log.info("samples at step %d in %s", global_step, self.folder)
-
-
-def defaults_for(config):
-    return default_settings(resolution=config.resolution, train_batch_size=config.batch_size, seed=config.seed,
-                            sample_steps=config.sample_steps)
 
 
 def models_to_sample(ema_on: bool, ema_model: bool, nonema_model: bool) -> list[str]:
