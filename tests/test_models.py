@@ -10,22 +10,12 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from utils.architectures import SD15_TEXT, SD15_UNET, SD15_VAE
 from utils.model_family import SD1, SD2, UnsupportedModel, detect_family
 from utils.models import ModelLoadError, load_diffusers_folder, load_model
 from utils.single_file import SingleFileExportError, save_single_file, to_ldm_state_dict, unet_to_ldm
 from tests.tiny_variants import sd2_like_components
 from utils.tiny_model import VOCABULARY_WORDS, build_tiny_components, build_tiny_tokenizer
-
-# Stable Diffusion 1.5's published architecture (its unet/, vae/ and text_encoder/ config.json).
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, attention_head_dim=8,
-                 cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
 def shapes(module: torch.nn.Module) -> dict[str, torch.Size]:

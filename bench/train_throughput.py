@@ -1,0 +1,640 @@
+"""Training throughput: images/s, ms/step, peak memory and MFU of one model and setting.
+
+    .venv/bin/python bench/train_throughput.py --model sd15 --resolution 512 --batch 8 --precision bf16 \\
+        --train_text_encoder --device cuda
+
+1. The bare step: the plain training step of diffusers' examples/text_to_image/train_text_to_image.py (VAE
+   encode -> noise -> add_noise -> text encode -> UNet -> MSE -> backward -> AdamW step -> zero_grad), with
+   accelerate's Accelerator for mixed precision, repeated on one fixed batch of random pixels and tokens.
+   The frozen parts are cast to the compute dtype as that example does; the trained ones stay fp32 under
+   autocast. `--model sd15`/`sd21` build the real architecture with random weights (utils/architectures.py),
+   `--model tiny` the trainer's builtin:tiny.
+2. FLOPs: torch.utils.flop_counter.FlopCounterMode over one whole step, before timing, with the default
+   attention (SDPA) and without gradient checkpointing: the model FLOPs (matmuls, convolutions, attention;
+   norms and elementwise ops are not counted). With --gradient_checkpointing the step is counted again as
+   executed (its recomputed forward included). MFU = model FLOPs / median step time / the device's peak.
+3. --full (tiny model only): the trainer's real loop, `train.py` in a subprocess with the same settings on
+   copies of the bundled square example images (so every batch is resolution x resolution, as in the bare
+   step), timed by the bench/step_timer.py plugin; the ratio full/bare is the trainer's overhead.
+
+Prints a markdown table with the command, the machine and the date, ready for doc/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # run as a script from anywhere: bench/ is not a package
+# As train.py: MKL may otherwise use fewer threads when the machine is busy. Set before torch loads.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+import torch  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
+
+PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # this script's name -> accelerate's
+ATTENTIONS = ("sdp", "xformers", "slice")  # as the trainer's attn_type
+TOKENS = 77  # CLIP's context: every caption is padded to it
+LEARNING_RATE = 1e-5
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOPS, from NVIDIA's datasheets and whitepapers; the
+# first name contained in torch.cuda.get_device_name() wins. The GeForce figures are fp16/bf16 with fp32
+# accumulation (what PyTorch uses); with fp16 accumulation they are twice as high.
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),  # H100 datasheet (PCIe card); the SXM module below
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # H100 SXM
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("RTX 4090", 165.2),  # fp16/bf16 with fp32 accumulation
+    ("RTX 3090", 71.0),  # fp16/bf16 with fp32 accumulation
+)
+
+DIFFUSERS_EXAMPLE = "diffusers' examples/text_to_image/train_text_to_image.py"
+
+
+# -------------------------------------------------------------------------------------------------
+# Settings and results
+# -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """What one measurement trains, and how."""
+
+    model: str = "tiny"  # tiny | sd15 | sd21
+    resolution: int = 512  # px, square
+    batch: int = 1
+    steps: int = 10  # timed steps
+    warmup: int = 3  # untimed steps before them
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    attention: str = "sdp"
+    gradient_checkpointing: bool = False
+    train_text_encoder: bool = False
+    cache_latents: bool = False
+    compile: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit
+    device: str = "cpu"
+    seed: int = 0
+    threads: int | None = None  # CPU threads of torch (here and in train.py); None = torch's default
+
+    def describe(self) -> str:
+        parts = ["UNet + text encoder" if self.train_text_encoder else "UNet"]
+        parts.append("cached latents" if self.cache_latents else "VAE encode every step")
+        if self.gradient_checkpointing:
+            parts.append("gradient checkpointing")
+        if self.compile:
+            parts.append("torch.compile(UNet)")
+        return (f"{self.model}, {self.resolution} px, batch {self.batch}, {self.precision}, attention "
+                f"{self.attention}, {self.optimizer}, trains {', '.join(parts)}, on {self.device}")
+
+
+@dataclass
+class Measurement:
+    """Step times and memory of one loop (the bare step or the trainer)."""
+
+    step_seconds: list[float]  # the timed steps, in order
+    batch: int
+    peak_memory_bytes: int | None
+    memory_kind: str  # how peak_memory_bytes was measured
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.step_seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.median_seconds
+
+
+@dataclass
+class BareResult(Measurement):
+    """The bare step's measurement, with its FLOPs per step by phase (model FLOPs) and as executed."""
+
+    flops: dict[str, int] = field(default_factory=dict)
+    executed_flops: int | None = None  # with gradient checkpointing: the recomputation included
+
+    @property
+    def model_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+# -------------------------------------------------------------------------------------------------
+# Models
+# -------------------------------------------------------------------------------------------------
+
+def load_parts(model: str, device: str, seed: int) -> dict:
+    """unet, vae, text_encoder (fp32, on device), the training noise scheduler, and the prediction type."""
+    from diffusers import DDPMScheduler
+
+    if model == "tiny":
+        from utils.tiny_model import build_tiny_components
+
+        parts = build_tiny_components()
+        modules = {name: parts[name].to(device) for name in ("unet", "vae", "text_encoder")}
+        return dict(modules, scheduler=parts["scheduler"], prediction_type="epsilon")
+    from utils.architectures import ARCHITECTURES, build_random_components
+
+    modules = build_random_components(model, device, seed)
+    prediction_type = ARCHITECTURES[model].prediction_type
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type)
+    return dict(modules, scheduler=scheduler, prediction_type=prediction_type)
+
+
+def set_attention(unet, attention: str) -> None:
+    """As the trainer's set_attention: SDPA is diffusers' default; the others are switched on."""
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "slice":
+        unet.set_attention_slice("auto")
+
+
+def enable_gradient_checkpointing(unet, text_encoder, train_text_encoder: bool) -> None:
+    """As the trainer does it: the UNet's, and the trained text encoder's (non-reentrant)."""
+    unet.enable_gradient_checkpointing()
+    if train_text_encoder:  # transformers 5 renamed the method
+        new_name = getattr(text_encoder, "activation_checkpointing_enable", None)
+        if new_name:
+            new_name(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def make_optimizer(params: list, name: str, device: str) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), or bitsandbytes' AdamW8bit."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise SystemExit("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bitsandbytes.optim.AdamW8bit(params, lr=LEARNING_RATE, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=1e-2, fused=device == "cuda" or None)
+
+
+# -------------------------------------------------------------------------------------------------
+# The bare step
+# -------------------------------------------------------------------------------------------------
+
+def no_count(name: str):
+    return contextlib.nullcontext()
+
+
+class FlopTally:
+    """Counts FLOPs per named phase of a step: `with tally("unet forward"): ...`."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.formulas = attention_flop_formulas()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=self.formulas) as counter:
+            yield
+        self.counts[name] = self.counts.get(name, 0) + counter.get_total_flops()
+
+
+class BareStep:
+    """The inner loop of diffusers' train_text_to_image.py on one fixed batch, set up as that script does."""
+
+    def __init__(self, settings: Settings):
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+
+        if settings.device == "cpu" and settings.precision == "fp16":
+            raise SystemExit("--precision fp16 needs --device cuda (on the CPU: fp32 or bf16)")
+        if settings.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer: fp32 matmuls in TF32 on Ampere+
+            torch.backends.cudnn.allow_tf32 = True
+        self.settings = settings
+        self.accelerator = Accelerator(mixed_precision=PRECISIONS[settings.precision], cpu=settings.device == "cpu")
+        device = self.accelerator.device
+        parts = load_parts(settings.model, device, settings.seed)
+        self.noise_scheduler, self.prediction_type = parts["scheduler"], parts["prediction_type"]
+        weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.precision]
+        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+        vae.requires_grad_(False).eval()
+        text_encoder.requires_grad_(settings.train_text_encoder).train(settings.train_text_encoder)
+        if weight_dtype != torch.float32:  # the frozen parts in the compute dtype, as the example casts them
+            vae.to(dtype=weight_dtype)
+            if not settings.train_text_encoder:
+                text_encoder.to(dtype=weight_dtype)
+        unet.train()
+        self.vae, self.scaling_factor = vae, vae.config.scaling_factor
+        generator = torch.Generator().manual_seed(settings.seed)
+        size = settings.resolution
+        self.pixels = (torch.rand(settings.batch, 3, size, size, generator=generator) * 2 - 1).to(device, weight_dtype)
+        vocabulary = text_encoder.config.vocab_size
+        self.input_ids = torch.randint(0, vocabulary, (settings.batch, TOKENS), generator=generator).to(device)
+        self.latents = None
+        if settings.cache_latents:  # encoded once: every step trains from these
+            with torch.no_grad():
+                self.latents = self.encode(self.pixels)
+        trained = list(unet.parameters()) + (list(text_encoder.parameters()) if settings.train_text_encoder else [])
+        optimizer = make_optimizer(trained, settings.optimizer, device.type)
+        lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
+        self.text_encoder = self.accelerator.prepare(text_encoder) if settings.train_text_encoder else text_encoder
+        self.plain = dict(unet=unet, text_encoder=text_encoder)  # the unwrapped modules
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels).latent_dist.sample() * self.scaling_factor
+
+    def step(self, phase=no_count) -> torch.Tensor:
+        """One training step; `phase(name)` wraps each part (FlopTally counts them). Returns the loss."""
+        import torch.nn.functional as F
+
+        if self.latents is None:
+            with phase("VAE encode"), torch.no_grad():
+                latents = self.encode(self.pixels)
+        else:
+            latents = self.latents
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=latents.device).long()
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        with phase("text encoder forward"):
+            encoder_hidden_states = self.text_encoder(self.input_ids, return_dict=False)[0]
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        with phase("UNet forward"):
+            model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        with phase("backward"):
+            self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def count_flops(self) -> dict[str, int]:
+        """FLOPs of one whole step, by phase."""
+        tally = FlopTally()
+        self.step(tally)
+        return tally.counts
+
+
+def attention_flop_formulas() -> dict:
+    """FlopCounterMode formulas (custom_mapping) that count the attention kernels' model FLOPs.
+
+    torch 2.13 counts SDPA's CUDA kernels but not its CPU kernel, so on the CPU the attention FLOPs would be
+    missing; and it counts the flash-attention backward's recomputation of the scores (five matrix products
+    instead of four), hardware FLOPs that no other kernel executes. Here every kernel is counted the same,
+    as model FLOPs: forward QK^T and PV (2 FLOPs per multiply-add), backward twice that, as the math
+    (matmul) attention is counted and as MFU is defined (PaLM, arXiv 2204.02311, appendix B).
+    """
+    aten = torch.ops.aten
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    names = {"_scaled_dot_product_flash_attention_for_cpu": forward,
+             "_scaled_dot_product_flash_attention_for_cpu_backward": backward,
+             "_scaled_dot_product_flash_attention_backward": backward,
+             "_scaled_dot_product_efficient_attention_backward": backward,
+             "_scaled_dot_product_cudnn_attention_backward": backward}
+    return {getattr(aten, name): formula for name, formula in names.items() if hasattr(aten, name)}
+
+
+def prepare_bare(settings: Settings) -> tuple[BareStep, dict[str, int], int | None]:
+    """The bare step, ready to time; its model FLOPs by phase (counted with the default attention, without
+    checkpointing or compilation), and with --gradient_checkpointing the FLOPs it executes."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    bare = BareStep(settings)
+    flops = bare.count_flops()
+    executed = None
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(bare.plain["unet"], bare.plain["text_encoder"], settings.train_text_encoder)
+        executed = sum(bare.count_flops().values())
+    set_attention(bare.plain["unet"], settings.attention)
+    if settings.compile:
+        bare.unet = torch.compile(bare.unet)
+    if bare.accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the FLOP-count steps ran without checkpointing
+    return bare, flops, executed
+
+
+def time_bare(bare: BareStep, settings: Settings) -> list[float]:
+    """Seconds of each of `steps` bare steps, after `warmup` untimed ones."""
+    cuda = bare.accelerator.device.type == "cuda"
+    seconds = []
+    for _ in range(settings.warmup + settings.steps):
+        start = time.perf_counter()
+        bare.step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds[settings.warmup:]
+
+
+def bare_result(bare: BareStep, settings: Settings, seconds: list[float], flops: dict[str, int],
+                executed: int | None) -> BareResult:
+    if bare.accelerator.device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"
+    return BareResult(seconds, settings.batch, peak, kind, flops, executed)
+
+
+def measure_bare(settings: Settings) -> BareResult:
+    """Build the model, count one step's FLOPs, then time warmup + steps bare steps."""
+    bare, flops, executed = prepare_bare(settings)
+    return bare_result(bare, settings, time_bare(bare, settings), flops, executed)
+
+
+# -------------------------------------------------------------------------------------------------
+# The trainer's loop (--full)
+# -------------------------------------------------------------------------------------------------
+
+def write_square_examples(folder: str, images: int) -> int:
+    """`images` copies of the bundled square example images in `folder` (named for their captions); how many
+    distinct images they copy."""
+    from PIL import Image
+
+    source = os.path.join(REPO_ROOT, "examples", "images")
+    squares = []
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if name.lower().endswith((".png", ".jpg", ".jpeg")):
+            with Image.open(path) as image:
+                if image.width == image.height:
+                    squares.append(path)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(images):
+        path = squares[i % len(squares)]
+        stem, extension = os.path.splitext(os.path.basename(path))
+        stem = re.sub(r"_\(\d+\)$", "", stem)
+        shutil.copyfile(path, os.path.join(folder, f"{stem}_({i}){extension}"))
+    return len(squares)
+
+
+def train_command(settings: Settings, data_root: str, logdir: str) -> list[str]:
+    """train.py's command line for the same training as the bare step, with nothing else in the loop."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--resume_ckpt", "builtin:tiny",
+               "--data_root", data_root, "--logdir", logdir, "--project_name", "bench",
+               "--resolution", str(settings.resolution), "--batch_size", str(settings.batch), "--grad_accum", "1",
+               "--max_epochs", "1", "--lr", str(LEARNING_RATE), "--flip_p", "0",
+               "--sample_prompts", "null", "--validation_config", "null", "--num_workers", "0",
+               "--log_step", "1000000", "--ckpt_every_n_minutes", "0", "--save_every_n_epochs", "0",
+               "--no_save_ckpt", "true", "--attn_type", settings.attention, "--optimizer", settings.optimizer,
+               "--gradient_checkpointing", str(settings.gradient_checkpointing).lower(),
+               "--disable_textenc_training", str(not settings.train_text_encoder).lower(),
+               "--plugins", "bench.step_timer.StepTimer"]
+    if settings.precision == "fp32":
+        command += ["--disable_amp", "true"]
+    else:
+        command += ["--mixed_precision", settings.precision]
+    if settings.cache_latents:
+        command += ["--cache_latents", "true"]
+    return command
+
+
+def measure_full(settings: Settings, workdir: str | None = None) -> Measurement:
+    """Run train.py on the tiny model for warmup + steps + 1 steps; the step times are the gaps between
+    consecutive step ends, after the warm-up."""
+    from bench.step_timer import ENV_VAR, read_step_times
+
+    if settings.model != "tiny":
+        raise SystemExit("--full runs train.py on the tiny model only: use --model tiny")
+    if settings.compile:
+        raise SystemExit("--full: train.py has no torch.compile option; leave out --compile")
+    if settings.device == "cpu" and settings.precision != "fp32":
+        raise SystemExit("--full on the CPU: train.py trains in fp32 there; use --precision fp32")
+    with tempfile.TemporaryDirectory(prefix="bench_train_", dir=workdir) as folder:
+        steps_needed = settings.warmup + settings.steps + 1
+        write_square_examples(os.path.join(folder, "data"), steps_needed * settings.batch)
+        times_path = os.path.join(folder, "step_times.txt")
+        env = dict(os.environ, **{ENV_VAR: times_path})
+        if settings.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes the GPU whenever it sees one
+        if settings.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
+        command = train_command(settings, os.path.join(folder, "data"), os.path.join(folder, "logs"))
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        if completed.returncode != 0:
+            output = (completed.stdout + completed.stderr)[-4000:]
+            raise SystemExit(f"train.py failed (exit code {completed.returncode}):\n{output}\n{' '.join(command)}")
+        if not os.path.exists(times_path):
+            raise SystemExit("train.py ran but the StepTimer plugin wrote nothing: does this train.py call plugins' "
+                             f"on_step_end?\n{completed.stderr[-2000:]}")
+        times, cuda_peak = read_step_times(times_path)
+    if len(times) < steps_needed:
+        raise SystemExit(f"train.py timed {len(times)} steps, fewer than the {steps_needed} asked for")
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    timed = gaps[settings.warmup:settings.warmup + settings.steps]
+    if cuda_peak is not None:
+        return Measurement(timed, settings.batch, cuda_peak, "torch.cuda.max_memory_allocated")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return Measurement(timed, settings.batch, rss, "peak RSS of the train.py process")
+
+
+# -------------------------------------------------------------------------------------------------
+# Report
+# -------------------------------------------------------------------------------------------------
+
+def peak_tflops(device: str, precision: str, override: float | None) -> tuple[float | None, str]:
+    """The peak to divide by, and where it came from; None when there is none to use."""
+    if override:
+        return override, "--peak_tflops"
+    if device != "cuda":
+        return None, "no peak known for a CPU: give --peak_tflops"
+    name = torch.cuda.get_device_name()
+    if precision == "fp32":
+        return None, f"{name} in fp32: the table holds bf16/fp16 peaks; give --peak_tflops"
+    for key, value in PEAK_TFLOPS:
+        if key in name:
+            return value, f"{name}: dense bf16/fp16 peak {value:g} TFLOPS"
+    return None, f"{name} is not in the peak table: give --peak_tflops"
+
+
+def machine(device: str, load_before: float | None = None) -> str:
+    from bench.bench_data_loader import cpu_model
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = torch.get_num_threads()
+    text = (f"{usable} usable CPU cores of {os.cpu_count()} ({cpu_model()}), {platform.system()} "
+            f"{platform.machine()}, torch on {threads} thread{'' if threads == 1 else 's'}")
+    if load_before is not None:
+        text += f", 1-minute load average {load_before:.2f} before the run"
+    if device == "cuda":
+        properties = torch.cuda.get_device_properties(0)
+        text += f"; GPU {properties.name} ({properties.total_memory / 2**30:.0f} GiB)"
+    return text
+
+
+def versions() -> str:
+    import accelerate
+    import diffusers
+    import transformers
+
+    return (f"Python {platform.python_version()}, torch {torch.__version__}"
+            + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")
+            + f", diffusers {diffusers.__version__}, transformers {transformers.__version__}, accelerate "
+            f"{accelerate.__version__}")
+
+
+def gigabytes(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 1e9:.2f} GB"
+
+
+def flop_text(value: float) -> str:
+    return f"{value / 1e12:.3f} TFLOP" if value >= 1e11 else f"{value / 1e9:.2f} GFLOP"
+
+
+def result_row(what: str, result: Measurement, flops: int, peak: float | None) -> str:
+    achieved = flops / result.median_seconds / 1e12
+    mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
+    spread = f"{min(result.step_seconds) * 1e3:.1f}-{max(result.step_seconds) * 1e3:.1f}"
+    return (f"| {what} | {result.median_seconds * 1e3:.1f} ({spread}) | {result.images_per_second:.2f} | "
+            f"{gigabytes(result.peak_memory_bytes)} | {achieved:.3f} | {mfu} |")
+
+
+def report(command: str, settings: Settings, bare: BareResult, full: Measurement | None, peak: float | None,
+           peak_origin: str, load_before: float | None = None, ratios: list[float] | None = None) -> str:
+    """The markdown for doc/PERFORMANCE.md: command and date, machine, setting, the table, the FLOPs."""
+    lines = [f"`{command.strip()}`, {datetime.date.today().isoformat()}", "",
+             f"Machine: {machine(settings.device, load_before)}; {versions()}.", "",
+             f"Setting: {settings.describe()}. {rounds_text(settings, len(bare.step_seconds), full is not None)}",
+             "",
+             "| loop | ms/step | images/s | peak memory | achieved TFLOPS (model FLOPs) | MFU |",
+             "|---|---|---|---|---|---|",
+             result_row("bare step (diffusers example's inner loop)", bare, bare.model_flops, peak)]
+    if full is not None:
+        lines.append(result_row("full step (train.py, StepTimer plugin)", full, bare.model_flops, peak))
+        ratio = full.median_seconds / bare.median_seconds
+        rounds = (f"; per round (bare, then full): {', '.join(f'{r:.3f}x' for r in ratios)}, median "
+                  f"{statistics.median(ratios):.3f}x" if ratios and len(ratios) > 1 else "")
+        lines.append(f"| overhead full / bare | {ratio:.3f}x (medians of all steps{rounds}) | | | | |")
+    phases = ", ".join(f"{name} {flop_text(value)}" for name, value in bare.flops.items())
+    per_image = bare.model_flops / settings.batch
+    lines += ["", f"Model FLOPs per step (torch.utils.flop_counter.FlopCounterMode over one step, SDPA counted as "
+              f"the matmul attention, no recomputation): {phases}; total {flop_text(bare.model_flops)} "
+              f"({flop_text(per_image)} per image)."]
+    if bare.executed_flops is not None:
+        lines.append(f"Executed with gradient checkpointing (recomputation included): "
+                     f"{flop_text(bare.executed_flops)} ({bare.executed_flops / bare.model_flops:.2f}x); MFU "
+                     "above counts model FLOPs only.")
+    lines.append(f"MFU peak: {peak_origin}. Peak memory: {bare.memory_kind}"
+                 + (f" (full step: {full.memory_kind})." if full else "."))
+    if settings.attention == "xformers":
+        lines.append("xformers' kernels are invisible to FlopCounterMode: the FLOPs were counted with SDPA.")
+    if full is not None:
+        lines.append("The full step's MFU uses the bare step's FLOPs (the same model, batch and resolution). "
+                     "Full-step times are the gaps between consecutive step ends (the plugin waits for the GPU).")
+    lines += ["", why_the_diffusers_example_was_not_run()]
+    return "\n".join(lines)
+
+
+def rounds_text(settings: Settings, timed: int, full: bool) -> str:
+    rounds = timed // settings.steps
+    each = f"{settings.steps} steps after {settings.warmup} warm-up steps"
+    if rounds == 1:
+        return f"Median of {each} (range in brackets)."
+    alternated = ", the bare and the full step alternated" if full else ""
+    return f"Median of {rounds} rounds of {each}{alternated} (range in brackets)."
+
+
+def why_the_diffusers_example_was_not_run() -> str:
+    """The bare step stands in for diffusers' example script; say why the script itself was not timed."""
+    import importlib.util
+
+    missing = [name for name in ("torchvision", "datasets") if importlib.util.find_spec(name) is None]
+    needs = (f"; it also needs {' and '.join(missing)}, not installed here" if missing else "")
+    return (f"{DIFFUSERS_EXAMPLE} was not run: it is not part of the diffusers pip package, only of diffusers' git "
+            f"repository, which this bench does not fetch{needs}. The bare step is that script's inner training "
+            "loop (VAE encode, noise, add_noise, text encode, UNet, MSE, backward, AdamW step, zero_grad), written "
+            "out and run on one fixed batch.")
+
+
+# -------------------------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "sd15", "sd21"), default="tiny",
+                        help="tiny: the trainer's builtin:tiny; sd15, sd21: the real architecture, random weights")
+    parser.add_argument("--resolution", type=int, default=512, help="square image side in px (default 512)")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                        help="fp32, or fp16/bf16 mixed precision via accelerate (default fp32)")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="sdp", help="the UNet's attention kernel")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--train_text_encoder", action="store_true", help="train the text encoder too")
+    parser.add_argument("--cache_latents", action="store_true",
+                        help="encode the batch with the VAE once before timing; train from those latents")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (compiled in the warm-up)")
+    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak TFLOPS for MFU (default: the built-in table on CUDA; none on CPU)")
+    parser.add_argument("--full", action="store_true",
+                        help="also time train.py's real loop with the same settings (tiny model) and print the ratio")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of timing, alternating the bare and the full step (default 1)")
+    parser.add_argument("--workdir", default=None, help="folder for --full's temporary files (default: the system's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch, here and in train.py (default: torch's, one per core)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.resolution % 8:
+        raise SystemExit("--resolution must be a multiple of 8 (the VAE downscales by 8)")
+    if args.full and (args.resolution % 64 or not 256 <= args.resolution <= 2048):
+        raise SystemExit("--full: train.py trains at a multiple of 64 from 256 to 2048 px")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return Settings(model=args.model, resolution=args.resolution, batch=args.batch, steps=args.steps,
+                    warmup=args.warmup, precision=args.precision, attention=args.attention,
+                    gradient_checkpointing=args.gradient_checkpointing, train_text_encoder=args.train_text_encoder,
+                    cache_latents=args.cache_latents, compile=args.compile, optimizer=args.optimizer,
+                    device=args.device, seed=args.seed, threads=args.threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    bare, flops, executed = prepare_bare(settings)
+    bare_rounds, full_rounds = [], []
+    for _ in range(args.repeats):  # alternated, so that other work on the machine slows both alike
+        bare_rounds.append(time_bare(bare, settings))
+        if args.full:
+            full_rounds.append(measure_full(settings, args.workdir))
+    bare_measured = bare_result(bare, settings, [s for round_ in bare_rounds for s in round_], flops, executed)
+    full = None
+    if full_rounds:
+        full = Measurement([s for round_ in full_rounds for s in round_.step_seconds], settings.batch,
+                           max(round_.peak_memory_bytes for round_ in full_rounds), full_rounds[0].memory_kind)
+    ratios = [statistics.median(f.step_seconds) / statistics.median(b) for b, f in zip(bare_rounds, full_rounds)]
+    peak, origin = peak_tflops(settings.device, settings.precision, args.peak_tflops)
+    command = "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(report(command, settings, bare_measured, full, peak, origin, load_before, ratios))
+
+
+if __name__ == "__main__":
+    main()
