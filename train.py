@@ -47,6 +47,7 @@ class RunPlan:
     validation: object = None  # data.validation.ValidationPlan; None: no validation
     session_key: str = ""  # digest of the settings as given: how `--resume_run auto` finds this run again
     resume: object = None  # utils.resume.ResumeTarget when continuing a run (--resume_run)
+    plugins: list = dataclasses.field(default_factory=list)  # the instances of `plugins` (utils/plugins.py)
 
     @property
     def model_source(self) -> str:
@@ -68,11 +69,19 @@ class RunPlan:
 
         return plan_epoch(self.items, epoch, self.data_options)
 
+    def process_plan(self, epoch: int, process: int) -> list:
+        """The batches of the epoch that one process trains (all of them with one process)."""
+        from data.plan import process_share
+
+        return process_share(self.epoch_plan(epoch), process, self.data_options)
+
 
 def data_options(config: TrainConfig):
     from data.plan import PlanOptions
 
+    # WORLD_SIZE: the number of processes, set by accelerate launch, torchrun and MPI launchers.
     return PlanOptions(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                       processes=int(os.environ.get("WORLD_SIZE", "1")), fixed_crops=config.cache_latents,
                        max_epochs=config.max_epochs, flip_p=config.flip_p, cond_dropout=config.cond_dropout,
                        shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags,
                        rated_dataset=config.rated_dataset,
@@ -88,6 +97,7 @@ def plan_run(argv: list[str]) -> RunPlan:
     from optimizer.optimizer_config import OPTIMIZERS, load_optimizer_settings, schedule_steps
     from data.fingerprint import dataset_fingerprint
     from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
+    from utils.plugins import defines
     from utils.resume import (ResumeError, load_settings, optimizer_summary, read_run_config, resume_differences,
                               session_key)
 
@@ -133,10 +143,20 @@ def plan_run(argv: list[str]) -> RunPlan:
         except NoCheckpointFound as error:
             problems.append(ConfigProblem("ema_resume_model", loaded.origins["ema_resume_model"], str(error)))
     sample_file = read_prompts(config, loaded, problems)
+    plugins = load_plugins(config, loaded, problems)
+    transforming = [type(plugin).__name__ for plugin in plugins if defines(plugin, "transform_pil_image")]
+    if config.cache_latents and transforming:
+        problems.append(ConfigProblem("cache_latents", loaded.origins["cache_latents"], (
+            f"cannot be used with plugins that transform images ({', '.join(transforming)}): the latents are "
+            "computed once, so the transform would not apply anew at each epoch.")))
+    if config.load_settings_every_epoch and not loaded.config_file:
+        problems.append(ConfigProblem("load_settings_every_epoch", loaded.origins["load_settings_every_epoch"],
+                                      "needs a config file to re-read: give --config."))
     optimizer_settings = load_optimizer_settings(config, loaded.origins)
     optimizer_package = OPTIMIZERS[optimizer_settings.unet.optimizer].package
     for needed, package, key in ((optimizer_package is not None, optimizer_package, "optimizer"),
-                                 (config.attn_type == "xformers", "xformers", "attn_type")):
+                                 (config.attn_type == "xformers", "xformers", "attn_type"),
+                                 (config.wandb, "wandb", "wandb")):
         if needed and importlib.util.find_spec(package) is None:
             problems.append(ConfigProblem(key, loaded.origins[key], f"needs the {package} package, which is not "
                                           f"installed: pip install {package}"))
@@ -189,7 +209,7 @@ def plan_run(argv: list[str]) -> RunPlan:
             loaded.notes.append(f"ema_update_interval: {config.ema_update_interval} optimizer steps is longer than "
                                 f"the run ({total_steps} steps): the EMA will never be updated.")
     return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay,
-                   sample_file, validation, started_as, resume)
+                   sample_file, validation, started_as, resume, plugins)
 
 
 def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: list):
@@ -236,6 +256,17 @@ def read_prompts(config: TrainConfig, loaded: LoadedConfig, problems: list):
     return sample_file
 
 
+def load_plugins(config: TrainConfig, loaded: LoadedConfig, problems: list) -> list:
+    """The plugin instances (utils/plugins.py); one that cannot load is a config problem."""
+    from utils.plugins import PluginError, load_plugins as load
+
+    try:
+        return load(config.plugins)
+    except PluginError as error:
+        problems.append(ConfigProblem("plugins", loaded.origins["plugins"], str(error)))
+        return []
+
+
 def resolve_ema_decay(decay_rate: float | None, strength_target: float | None, updates: int) -> tuple[float, str]:
     """The EMA decay per update, and where it came from. strength_target s is the share of the starting
     weights left after every update: decay = s^(1/updates), as EveryDream2 defines it."""
@@ -254,11 +285,6 @@ def make_accelerator(plan: RunPlan):
     from accelerate import Accelerator
 
     config = plan.config
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, accelerate launch and MPI launchers
-    if processes > 1:
-        raise ConfigError([ConfigProblem("launch", "command line", f"{processes} processes: this version trains on "
-                                         "one process (each would train the same batches and write its own run). "
-                                         "Run python train.py, or the launcher with one process.")])
     cuda = torch.cuda.is_available()
     precision = "no" if config.disable_amp or not cuda else config.mixed_precision
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -274,7 +300,15 @@ def make_accelerator(plan: RunPlan):
         from optimizer.optimizer_config import GRAD_SCALER_START
 
         handlers.append(GradScalerKwargs(**GRAD_SCALER_START))
-    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
+    if config.clip_skip > 1 and not config.disable_textenc_training:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # The text encoder's last layers get no gradient when conditioning on an earlier layer; multi-GPU
+        # gradient averaging has to be told, or it waits for them.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # cpu=True without CUDA: several processes then train on the CPU with gloo (tests, and a launch on a
+    # machine without GPUs) instead of each training alone.
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not cuda)
     why = "disable_amp" if config.disable_amp else ("mixed_precision" if cuda else "CPU trains in fp32")
     plan.derived.append(f"mixed precision = {precision} ({why}) on {accelerator.device}")
     return accelerator
@@ -294,7 +328,7 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
                                   write_run_settings)
 
     if not accelerator.is_main_process:
-        setup_logging(None)
+        setup_logging(None, main_process=False)
         return None
     if plan.resume:
         run_dir = plan.resume.run_dir
@@ -341,6 +375,7 @@ class Trainee:
     train_text_encoder: bool
     alphas_cumprod: object  # the training schedule's ᾱ_t, on the device
     ema: object = None  # utils.ema.EMA of the trained parts, when EMA is on
+    text_embeddings: object = None  # utils.latent_cache.TextEmbeddingCache, with cache_text_embeddings
 
     def trained_parts(self) -> dict:
         """{"unet": module, "text encoder": module} for the parts that train, as called in training."""
@@ -396,6 +431,11 @@ def load_trainee(plan: RunPlan, accelerator) -> Trainee:
     trainee = Trainee(model, model.unet, model.text_encoder, train_unet, train_te, alphas)
     if plan.ema_decay is not None:
         trainee.ema = start_ema(plan, trainee, accelerator)
+    if config.cache_text_embeddings:
+        from utils.latent_cache import TextEmbeddingCache
+
+        trainee.text_embeddings = TextEmbeddingCache(lambda input_ids, clip_skip: model.family.encode(
+            model.text_encoder, input_ids.to(accelerator.device), clip_skip).hidden_states)
     return trainee
 
 
@@ -416,6 +456,27 @@ def start_ema(plan: RunPlan, trainee: Trainee, accelerator):
     plan.derived.append(f"EMA on {device}, decay {plan.ema_decay:.6g} every {config.ema_update_interval} optimizer "
                         f"steps, starting from {source}")
     return ema
+
+
+def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
+    """cache_latents: encode every image variant the run can train (data/plan.py image_variants) that is not
+    cached yet, shared out among the processes; the cache, ready for the loader."""
+    from data.plan import image_variants
+    from utils.latent_cache import LatentCache, fill_latent_cache as fill
+    from utils.processes import sum_over_processes
+
+    config = plan.config
+    folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
+    cache = LatentCache.open(folder, trainee.model.vae, plan.items)
+    variants = image_variants(plan.items, plan.data_options)
+    result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
+                  autocast=accelerator.autocast, share=(accelerator.process_index, accelerator.num_processes),
+                  progress=accelerator.is_main_process)
+    encoded, reused, failed = (sum_over_processes(accelerator, count)  # also waits for every process's share
+                               for count in (result.encoded, result.reused, len(result.failed)))
+    log.info("latent cache %s: %d image variants encoded, %d reused%s", folder, encoded, reused,
+             f", {failed} images unreadable (skipped in training)" if failed else "")
+    return cache
 
 
 def set_attention(unet, attn_type: str) -> None:
@@ -459,26 +520,34 @@ def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
 def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: int, accelerator):
     """The loss of one batch: encode images and captions, add noise, predict it back."""
     import torch
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from utils import diffusion
 
     model, device = trainee.model, accelerator.device
-    generator = diffusion.step_generator(config.seed, global_step, device)
+    generator = diffusion.step_generator(config.seed, global_step, device, accelerator.process_index)
     with accelerator.autocast():
         with torch.no_grad():
-            pixels = batch["pixels"].to(device, non_blocking=True)
-            latents = model.vae.encode(pixels).latent_dist.sample(generator).float() * model.vae.config.scaling_factor
+            if batch["latent_params"] is not None:  # cache_latents: the VAE's posterior, computed once
+                posterior = DiagonalGaussianDistribution(batch["latent_params"].to(device, non_blocking=True))
+            else:
+                posterior = model.vae.encode(batch["pixels"].to(device, non_blocking=True)).latent_dist
+            latents = posterior.sample(generator).float() * model.vae.config.scaling_factor
         noise = diffusion.sample_noise(latents, generator, config.zero_frequency_noise_ratio,
                                        config.pyramid_noise_discount or 0.0)
         timesteps = diffusion.sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator,
                                                device)
         noisy_latents = diffusion.add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
-        with torch.set_grad_enabled(trainee.train_text_encoder):
-            conditioning = model.family.encode(trainee.text_encoder, batch["input_ids"].to(device), config.clip_skip)
-        hidden_states = conditioning.hidden_states
+        if trainee.text_embeddings is not None:  # cache_text_embeddings: a frozen text encoder, each caption once
+            hidden_states, unet_kwargs = trainee.text_embeddings(batch["input_ids"], config.clip_skip), {}
+        else:
+            with torch.set_grad_enabled(trainee.train_text_encoder):
+                conditioning = model.family.encode(trainee.text_encoder, batch["input_ids"].to(device),
+                                                   config.clip_skip)
+            hidden_states, unet_kwargs = conditioning.hidden_states, conditioning.unet_kwargs
         if config.embedding_perturbation:
             hidden_states = diffusion.perturb_embeddings(hidden_states, config.embedding_perturbation, generator)
-        prediction = trainee.unet(noisy_latents, timesteps, hidden_states, **conditioning.unet_kwargs).sample
+        prediction = trainee.unet(noisy_latents, timesteps, hidden_states, **unet_kwargs).sample
     target = diffusion.training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
     per_sample = diffusion.per_sample_loss(prediction, target, config.loss_type,
                                            timesteps / len(trainee.alphas_cumprod))
@@ -498,33 +567,66 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
     within the epoch, and the epoch's last group may be shorter: each batch's loss is divided by its group's
     real size, so a group's update is the average over its batches. A batch none of whose images could be
     read, or whose loss is NaN or infinite, counts for nothing: the group's gradients are rescaled to the
-    average over the batches that trained. MAX_NONFINITE_IN_A_ROW non-finite losses in a row stop the run.
+    average over the batches that trained, on every process. MAX_NONFINITE_IN_A_ROW non-finite losses in a
+    row stop the run.
+
+    With several processes, gradients are averaged across them in the backward pass of a group's last batch,
+    in which every process must take part: a process whose share ran short (a stand-in batch from the plan)
+    or whose batch could not train backpropagates a stand-in that adds nothing.
     """
     import torch
+
+    from utils.processes import sum_over_processes
 
     config = plan.config
     group_start = index - index % config.grad_accum
     group_size = min(config.grad_accum, batches_in_epoch - group_start)
     steps_now = ends_group(index, batches_in_epoch, config.grad_accum)
-    loss = None
-    if batch["pixels"] is not None:
+    loss, trained = None, False
+    if has_images(batch) and not batch["stand_in"]:
         with gradient_sync(accelerator, trainee, enabled=steps_now):
             loss = train_step(trainee, batch, config, state.global_step, accelerator)
-            finite = bool(torch.isfinite(loss))  # waits for the forward pass: one sync per batch
-            if finite:
+            trained = bool(torch.isfinite(loss))  # waits for the forward pass: one sync per batch
+            if trained:
                 accelerator.backward(loss / group_size)
-        if finite:
+        if trained:
             state.batches_in_group += 1
             state.nonfinite_in_a_row = 0
         else:
             skip_nonfinite(f"the loss is {loss.item()}, so this batch is skipped", state)
             loss = None
+    if steps_now and accelerator.num_processes > 1 and not trained:
+        stand_in = stand_in_batch(trainee, batch, config.cache_latents)
+        with gradient_sync(accelerator, trainee, enabled=True):
+            accelerator.backward(train_step(trainee, stand_in, config, state.global_step, accelerator))
     norms = {}
     if steps_now:
-        norms = step_optimizer(trainee, optimizer, schedule, plan, state, accelerator,
-                               gradient_scale=group_size / max(1, state.batches_in_group))
+        trained_batches = sum_over_processes(accelerator, state.batches_in_group)
+        norms = step_optimizer(trainee, optimizer, schedule, plan, state, accelerator, trained_batches,
+                               gradient_scale=group_size * accelerator.num_processes / max(1, trained_batches))
         state.batches_in_group = 0
     return (None if loss is None else loss.detach()), norms
+
+
+def has_images(batch: dict) -> bool:
+    """Whether any image of the batch could be read (or its latents were cached)."""
+    return batch["pixels"] is not None or batch["latent_params"] is not None
+
+
+def stand_in_batch(trainee: Trainee, batch: dict, cached_latents: bool) -> dict:
+    """A batch of the same bucket whose loss weighs nothing: black images (or zero latents), empty captions."""
+    import torch
+
+    model = trainee.model
+    count, (width, height) = max(1, len(batch["captions"])), batch["bucket"]
+    pixels = latent_params = None
+    if cached_latents:
+        latent_params = torch.zeros(count, 2 * model.vae.config.latent_channels, height // 8, width // 8)
+    else:
+        pixels = torch.zeros(count, 3, height, width)
+    return {**batch, "pixels": pixels, "latent_params": latent_params, "captions": [""] * count,
+            "input_ids": model.family.tokenize(model.tokenizer, [""] * count),
+            "loss_scale": torch.zeros(count)}
 
 
 MAX_NONFINITE_IN_A_ROW = 5  # batches whose loss is NaN or infinite, in a row, before the run is stopped
@@ -555,10 +657,10 @@ def ends_group(index: int, batches_in_epoch: int, grad_accum: int) -> bool:
     return index == min(group_start + grad_accum, batches_in_epoch) - 1
 
 
-def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, accelerator,
+def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, accelerator, trained_batches: float,
                    gradient_scale: float = 1.0) -> dict:
     """Clip, step and clear the accumulated gradients (first multiplied by gradient_scale); advance the
-    schedule when the step was taken.
+    schedule when the step was taken. No step when no batch of the group trained, on any process.
 
     clip_grad_norm clips the UNet and the text encoder each on its own (EveryDream2's text-encoder clip
     read an exhausted iterator and never clipped). Their norms, before clipping, are returned when
@@ -571,7 +673,8 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
     config, settings = plan.config, plan.optimizer_settings
     parts = {name: [p for p in module.parameters() if p.grad is not None]
              for name, module in trainee.trained_parts().items()}
-    if not any(parts.values()):  # every image of the group was unreadable
+    if not trained_batches:  # every image of the group was unreadable, or every loss NaN
+        optimizer.zero_grad(set_to_none=True)
         return {}
     if gradient_scale != 1.0:
         for param in (p for params in parts.values() for p in params):
@@ -727,14 +830,21 @@ def log_summary(plan: RunPlan, trainee: Trainee, run_dir: str, accelerator) -> N
     log.info("%s", report.rstrip())
     if run_dir:
         write_data_records(run_dir, report, plan)
-    log.info("batch: %d x grad_accum %d = %d images per optimizer step", config.batch_size, config.grad_accum,
-             config.batch_size * config.grad_accum)
+    processes = accelerator.num_processes
+    log.info("effective batch: %d images per optimizer step (batch_size %d x grad_accum %d x %d process%s)",
+             effective_batch(config, accelerator), config.batch_size, config.grad_accum, processes,
+             "" if processes == 1 else "es")
     for line in plan.derived:
         log.info("  %s", line)
     for note in run_info(plan)["notes"]:
         log.warning("note: %s", note)
     log.info("run folder: %s (tensorboard --logdir %s)", run_dir, config.logdir)
     log.info("single-file checkpoints: %s", "off" if config.no_save_ckpt else (config.save_ckpt_dir or os.getcwd()))
+
+
+def effective_batch(config: TrainConfig, accelerator) -> int:
+    """Images per optimizer step, over every process."""
+    return config.batch_size * config.grad_accum * accelerator.num_processes
 
 
 # =================================================================================================
@@ -779,6 +889,10 @@ class Run:
     tracker: object = None  # utils.tracker.Tracker: TensorBoard on the main process
     samples: object = None  # utils.sample_rounds.SampleRounds
     validation: object = None  # utils.validation_loss.Validation, when validation_config asks for it
+    plugins: object = None  # utils.plugins.PluginRunner: the plugins on the main process, none elsewhere
+    plugin_view: object = None  # what plugin hooks get as ed_state: the modules and the optimizer
+    live_settings: object = None  # utils.live_settings.LiveSettings, with load_settings_every_epoch
+    latent_cache: object = None  # utils.latent_cache.LatentCache, with cache_latents
 
 
 def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
@@ -789,8 +903,10 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     from optimizer.optimizers import apply_group_settings
     from utils.checkpoint import DamagedCheckpoint, NotEnoughDiskSpace
     from utils.interrupts import StopRequests
+    from utils.live_settings import LiveSettings
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
+    from utils.plugins import PluginRunner
     from utils.run_checkpoints import NonFiniteWeights, resumable_save_at, save_checkpoint
     from utils.sample_rounds import SampleRounds
     from utils.tracker import make_tracker
@@ -801,6 +917,8 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
         optimizer, schedule = prepare_optimizer(plan, trainee, accelerator)
         run = Run(plan, trainee, optimizer, schedule, accelerator, run_dir, LoopState())
         log_summary(plan, trainee, run_dir, accelerator)
+        if plan.config.cache_latents:
+            run.latent_cache = fill_latent_cache(plan, trainee, accelerator)
         if plan.resume:  # last: it sets every random generator as it was when the checkpoint was saved
             run.state = load_resume_state(plan.resume.checkpoint, optimizer, schedule, accelerator.scaler)
             if plan.config.force_resume:  # the saved state brought the run's old lr and settings
@@ -810,8 +928,16 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
         return 2
     # Events a killed run logged after the checkpoint being resumed are dropped: the resumed run logs them anew.
     run.tracker = make_tracker(run_dir, accelerator.is_main_process,
-                               purge_step=run.state.global_step + 1 if plan.resume else None)
+                               purge_step=run.state.global_step + 1 if plan.resume else None,
+                               wandb_config=to_json_dict(plan.config) if plan.config.wandb else None)
     run.samples = SampleRounds(plan.config, plan.sample_file, [item.caption for item in plan.items], run_dir)
+    run.plugins = PluginRunner(plan.plugins if accelerator.is_main_process else [])
+    run.plugin_view = plugin_view(trainee, optimizer)
+    if plan.config.load_settings_every_epoch:
+        run.live_settings = LiveSettings(plan.loaded)
+    if not plan.resume:
+        run.tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(plan.config).items()))
+        run.tracker.scalars({"hyperparameter/effective batch size": effective_batch(plan.config, accelerator)}, 0)
     if plan.validation:
         from utils.validation_loss import Validation
 
@@ -819,6 +945,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                                     functools.partial(trainee.model.family.tokenize, trainee.model.tokenizer))
     with StopRequests() as stop, contextlib.closing(run.tracker):
         try:
+            run.plugins.run("on_training_start", log_folder=run_dir, project_name=plan.config.project_name)
             if not train_epochs(run, stop):
                 if not resumable_save_at(run):  # a periodic save at this very step is as good, and done
                     save_checkpoint(run, "interrupted")
@@ -839,6 +966,8 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
             log.exception("training failed at step %d", run.state.global_step)
             save_after_error(run)
             return 1
+        finally:
+            run.plugins.run("on_training_end")
     log.info("done: %d steps in %.1f min%s", run.state.global_step, run.state.elapsed_seconds / 60,
              f"; {run.state.nonfinite_batches} batches skipped for a NaN or infinite loss"
              if run.state.nonfinite_batches else "")
@@ -851,71 +980,147 @@ def train_epochs(run: Run, stop) -> bool:
     import functools
 
     from data.dataset import EpochBatches, make_loader
-    from utils.loop_reports import LossMeter, device_scalars, make_progress, warn_of_a_spike
+    from utils.loop_reports import LossMeter, Progress, device_scalars, warn_of_a_spike
+    from utils.plugins import DataTransforms
     from utils.run_folder import SkipReport
     from utils.watch import SpikeWatch
 
-    plan, state, config, model, tracker = run.plan, run.state, run.plan.config, run.trainee.model, run.tracker
-    main_process = run.accelerator.is_main_process
-    if not plan.resume:
-        tracker.text("config", "\n".join(f"    {k}: {v}" for k, v in to_json_dict(config).items()))
+    plan, state, model, tracker = run.plan, run.state, run.trainee.model, run.tracker
     skipped = SkipReport(run.run_dir, plan.scan.skipped + (plan.validation.skipped if plan.validation else []))
     epoch_batches = EpochBatches()
-    loader = make_loader(plan.items, epoch_batches, config.num_workers, pin_memory=run.accelerator.device.type == "cuda",
-                         tokenize=functools.partial(model.family.tokenize, model.tokenizer))
-    meter, progress = LossMeter(config.batch_size), make_progress(plan.total_batches, main_process, state.global_step)
-    spikes = SpikeWatch()
+    loader = make_loader(plan.items, epoch_batches, plan.config.num_workers,
+                         pin_memory=run.accelerator.device.type == "cuda",
+                         tokenize=functools.partial(model.family.tokenize, model.tokenizer),
+                         latent_cache=run.latent_cache, transforms=DataTransforms(plan.plugins))
+    meter, spikes = LossMeter(plan.config.batch_size), SpikeWatch()
+    progress = Progress(plan.config.max_epochs, plan.total_batches, run.accelerator.is_main_process, state.epoch,
+                        state.global_step)
     if not state.global_step and run.samples.before_training():
         run.samples.draw(run.trainee, run.accelerator, tracker, 0)
     if not state.global_step:
         validate_if_due(run)  # the baseline: it cannot stop the run
     try:
-        while state.epoch < config.max_epochs:
-            batches = plan.epoch_plan(state.epoch)
-            if config.write_schedule and run.run_dir and not state.batch_in_epoch:
-                write_schedule(run.run_dir, plan, state.epoch, batches)
+        while state.epoch < plan.config.max_epochs:
+            batches = start_epoch(run)
             epoch_batches.set_plan(batches[state.batch_in_epoch:])  # a resumed epoch goes on where it stopped
             meter.start_epoch()
             early_stop = False
             for index, batch in enumerate(loader, start=state.batch_in_epoch):
                 skipped.add(batch["failed"])
+                run.plugins.run("on_step_start", **hook_arguments(run, local_step=index, batch=batch))
                 loss, grad_norms = train_batch(run.trainee, batch, index, len(batches), run.optimizer, run.schedule,
                                                plan, state, run.accelerator)
                 meter.grad_norms.update(grad_norms)
                 state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
                 state.elapsed_seconds += meter.add(loss)
-                progress.update(1)
-                if state.global_step % config.log_step == 0:
-                    tracker.scalars({**meter.log_step_scalars(run.optimizer, state), **device_scalars(run.accelerator)},
-                                    state.global_step)
+                postfix = None
+                if state.global_step % plan.config.log_step == 0:
+                    values = over_processes(meter.log_step_scalars(run.optimizer, state), run.accelerator)
+                    tracker.scalars({**values, **device_scalars(run.accelerator)}, state.global_step)
                     warn_of_a_spike(spikes, meter.last_log_loss, state.global_step)
-                    progress.set_postfix_str(meter.postfix(state.epoch, config.max_epochs, run.optimizer))
+                    postfix = meter.postfix(values)
+                progress.step(postfix)
+                run.plugins.run("on_step_end", **hook_arguments(run, local_step=index, batch=batch, loss=(
+                    None if loss is None or not run.plugins else loss.item())))
                 if run.samples.due(state.global_step):
                     run.samples.draw(run.trainee, run.accelerator, tracker, state.global_step)
                 if validate_if_due(run):
                     early_stop = True  # the run is done, and gets its final save
                     break
-                if ends_group(index, len(batches), config.grad_accum) and index + 1 < len(batches):
-                    if stop.requested:
+                if ends_group(index, len(batches), plan.config.grad_accum) and index + 1 < len(batches):
+                    stop_now, save_now = decide_together(run, stop, end_of_epoch=False)
+                    if stop_now:
                         return False
-                    if periodic_save_due(plan, state, end_of_epoch=False):
+                    if save_now:
                         save_periodic(run)
             if state.batch_in_epoch < len(batches):  # stopped early within the epoch
                 return True
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            tracker.scalars(meter.epoch_scalars(), state.global_step)
-            log.info("epoch %d/%d: %s", state.epoch, config.max_epochs, meter.epoch_summary())
+            tracker.scalars(over_processes(meter.epoch_scalars(), run.accelerator), state.global_step)
+            log.info("epoch %d/%d: %s", state.epoch, plan.config.max_epochs, meter.epoch_summary())
+            progress.epoch_done()
+            run.plugins.run("on_epoch_end", **hook_arguments(run, epoch=state.epoch - 1))
             if early_stop:
                 return True
-            if periodic_save_due(plan, state, end_of_epoch=True):
+            stop_now, save_now = decide_together(run, stop, end_of_epoch=True)
+            if save_now:
                 save_periodic(run)
-            if stop.requested and state.epoch < config.max_epochs:  # at the very end, the final save
+            if stop_now and state.epoch < plan.config.max_epochs:  # at the very end, the final save
                 return False
         return True
     finally:
         progress.close()
         if skipped.seen:
             log.info("%s", skipped.summary().lstrip("; "))
+
+
+def decide_together(run: Run, stop, end_of_epoch: bool) -> tuple[bool, bool]:
+    """(stop now, save now) at the end of an optimizer step, the same on every process: a stop requested on
+    any of them; a periodic save when the main process's clock says so."""
+    from utils.processes import any_process
+
+    save_due = run.accelerator.is_main_process and periodic_save_due(run.plan, run.state, end_of_epoch)
+    return any_process(run.accelerator, stop.requested, save_due)
+
+
+def over_processes(values: dict[str, float], accelerator) -> dict[str, float]:
+    """Losses averaged and images per second summed over the processes (every process calls this; the tags
+    reduced are in every process's values)."""
+    from utils.processes import sum_over_processes
+
+    if accelerator.num_processes == 1:
+        return values
+    reduced = {}
+    for tag, averaged in (("loss/log_step", True), ("loss/epoch", True), ("performance/images per second", False)):
+        if tag in values:
+            total = sum_over_processes(accelerator, values[tag])
+            reduced[tag] = total / accelerator.num_processes if averaged else total
+    return {**values, **reduced}
+
+
+def start_epoch(run: Run) -> list:
+    """What happens before an epoch's first batch (or the first batch after a resume): the live settings,
+    the batch schedule file, the plugins' on_epoch_start. Returns the epoch's planned batches."""
+    plan, state = run.plan, run.state
+    if plan.config.load_settings_every_epoch and state.epoch and not state.batch_in_epoch:
+        reload_live_settings(run)
+    if plan.config.write_schedule and run.run_dir and not state.batch_in_epoch:
+        write_schedule(run.run_dir, plan, state.epoch, plan.epoch_plan(state.epoch))
+    batches = plan.process_plan(state.epoch, run.accelerator.process_index)
+    run.plugins.run("on_epoch_start", **hook_arguments(run, epoch_length=len(batches)))
+    return batches
+
+
+def reload_live_settings(run: Run) -> None:
+    """load_settings_every_epoch: apply what changed in the config file, and record it in the run folder so
+    that --resume_run continues with the settings as they are now."""
+    from utils.run_folder import CONFIG_FILE, write_json
+
+    config, changes, warnings = run.live_settings.reload(run.plan.config)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if changes:
+        log.info("epoch %d: settings changed in %s: %s", run.state.epoch + 1, run.plan.loaded.config_file,
+                 "; ".join(changes))
+        run.plan.config = config
+        if run.run_dir:
+            write_json(os.path.join(run.run_dir, CONFIG_FILE), to_json_dict(config))
+
+
+def hook_arguments(run: Run, **values) -> dict:
+    """What every plugin hook is given (EveryDream2's names), with the hook's own values."""
+    config = run.plan.config
+    return {"epoch": run.state.epoch, "global_step": run.state.global_step, "project_name": config.project_name,
+            "log_folder": run.run_dir, "data_root": config.data_root, "ed_state": run.plugin_view, **values}
+
+
+def plugin_view(trainee: Trainee, optimizer):
+    """EveryDream2's ed_state for plugins: the plain modules, the tokenizer, the optimizer and the EMA."""
+    import types
+
+    model = trainee.model
+    return types.SimpleNamespace(optimizer=optimizer, unet=model.unet, text_encoder=model.text_encoder,
+                                 tokenizer=model.tokenizer, vae=model.vae, scheduler=model.scheduler, ema=trainee.ema)
 
 
 def validate_if_due(run: Run) -> bool:

@@ -17,10 +17,11 @@ def dataset_fingerprint(items: list[ImageItem]) -> dict[str, list]:
     File times are not used: data copied or unpacked again onto a new machine (after a preemption, say)
     is the same data.
     """
-    return {item.path: [*_file_digest(item.path), _settings_digest(item)] for item in items}
+    return {item.path: [*file_digest(item.path), _settings_digest(item)] for item in items}
 
 
-def _file_digest(path: str) -> list:
+def file_digest(path: str) -> list:
+    """[bytes, digest of the file's first and last SAMPLED_BYTES]; [-1, ""] for a file that cannot be read."""
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size

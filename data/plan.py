@@ -10,11 +10,14 @@ Random streams, each derived from the seed, never global:
 - `select/{seed}/{epoch}`: which images get the extra copy of a fractional `multiply`, and the images of
   a rated-dataset epoch;
 - `sample/{seed}/{epoch}/{index}/{copy}`: crop, jitter, flip, caption dropout and tag order of one copy
-  of one image, so they do not depend on where it lands in the epoch.
+  of one image, so they do not depend on where it lands in the epoch;
+- `crop/{seed}/{index}`: with `fixed_crops` (latent caching), the crop and jitter of an image for the whole
+  run, so each image has at most two variants (flipped or not) to encode once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ class PlanOptions:
     keep_tags: int = 0
     rated_dataset: bool = False
     rated_dataset_target_dropout_percent: float = 50.0
+    fixed_crops: bool = False  # one crop per image for the whole run (cache_latents); flips still vary
 
     @property
     def batches_per_step(self) -> int:
@@ -58,6 +62,24 @@ class Sample:
     flip: bool  # mirror left-right
     caption: str  # exactly the text given to the tokenizer: shuffled, or "" when dropped
     loss_scale: float  # multiplies this sample's loss
+    stand_in: bool = False  # fills a process's share at an epoch's end (process_share): loads and trains nothing
+
+    @property
+    def variant(self) -> Variant:
+        """How this sample's pixels are prepared, without its caption and loss weight."""
+        return Variant(self.index, self.bucket, self.crop_x, self.crop_y, self.jitter, self.flip)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way an image is cropped, resized and flipped: what decides its pixels, and so its VAE latents."""
+
+    index: int  # into the list of images
+    bucket: tuple[int, int]  # (width, height) px
+    crop_x: float
+    crop_y: float
+    jitter: tuple[float, float, float, float]
+    flip: bool
 
 
 def sample_rng(seed: int, epoch: int, index: int, copy: int = 0) -> random.Random:
@@ -72,12 +94,45 @@ def plan_sample(items: list[ImageItem], index: int, copy: int, epoch: int, optio
     # Centre-biased crop offsets (triangular, as EveryDream2): most crops keep the middle of the image.
     crop_x, crop_y = rng.triangular(0.0, 1.0, 0.5), rng.triangular(0.0, 1.0, 0.5)
     jitter = (rng.random(), rng.random(), rng.random(), rng.random())
-    flip = rng.random() < (options.flip_p if item.flip_p is None else item.flip_p)
+    if options.fixed_crops:  # the six draws above are still made, so flips and dropouts match a run without
+        crop_x, crop_y, jitter = fixed_crop(options.seed, index)
+    flip = rng.random() < flip_probability(item, options)
     dropped = rng.random() < (options.cond_dropout if item.cond_dropout is None else item.cond_dropout)
     shuffled = options.shuffle_tags or item.shuffle_tags
     caption = "" if dropped else compose_caption(item.main_prompt, item.tags, rng if shuffled else None,
                                                  keep_tags=options.keep_tags, max_length=item.max_caption_length)
     return Sample(index, copy, item.bucket, crop_x, crop_y, jitter, flip, caption, item.loss_scale)
+
+
+def fixed_crop(seed: int, index: int) -> tuple[float, float, tuple[float, float, float, float]]:
+    """crop_x, crop_y and jitter of an image for the whole run (fixed_crops), drawn as plan_sample draws them."""
+    rng = random.Random(f"crop/{seed}/{index}")
+    crop_x, crop_y = rng.triangular(0.0, 1.0, 0.5), rng.triangular(0.0, 1.0, 0.5)
+    return crop_x, crop_y, (rng.random(), rng.random(), rng.random(), rng.random())
+
+
+def flip_probability(item: ImageItem, options: PlanOptions) -> float:
+    """The image's own flip_p, else the config's."""
+    return options.flip_p if item.flip_p is None else item.flip_p
+
+
+def image_variants(items: list[ImageItem], options: PlanOptions) -> list[Variant]:
+    """Every variant that can train in a run with fixed_crops, in image order: the fixed crop unflipped and,
+    where the flip probability allows, flipped (`random() < p` is never true for p <= 0, always for p >= 1).
+
+    Images with multiply 0 never train and are left out; every other image is listed even if a fractional
+    multiply or a rated dataset leaves it out of every epoch of this run, a superset computed without
+    planning every epoch.
+    """
+    variants = []
+    for index, item in enumerate(items):
+        if item.multiply <= 0:
+            continue
+        crop_x, crop_y, jitter = fixed_crop(options.seed, index)
+        p = flip_probability(item, options)
+        flips = [False] * (p < 1.0) + [True] * (p > 0.0)
+        variants += [Variant(index, item.bucket, crop_x, crop_y, jitter, flip) for flip in flips]
+    return variants
 
 
 # =================================================================================================
@@ -199,8 +254,40 @@ def plan_epoch(items: list[ImageItem], epoch: int, options: PlanOptions) -> list
 
 
 def batches_per_epoch(items: list[ImageItem], options: PlanOptions) -> list[int]:
-    """The number of batches of every epoch. Fixed unless multipliers are fractional or the dataset is rated."""
+    """The number of batches of every epoch, on each process. Fixed unless multipliers are fractional or the
+    dataset is rated."""
     varies = options.rated_dataset or any(item.multiply != math.floor(item.multiply) for item in items)
     if not varies:
-        return [len(epoch_batches(items, 0, options))] * options.max_epochs
-    return [len(epoch_batches(items, epoch, options)) for epoch in range(options.max_epochs)]
+        return [process_batch_count(len(epoch_batches(items, 0, options)), options)] * options.max_epochs
+    return [process_batch_count(len(epoch_batches(items, epoch, options)), options)
+            for epoch in range(options.max_epochs)]
+
+
+def process_batch_count(batches: int, options: PlanOptions) -> int:
+    """How many batches each process trains in an epoch of `batches` (process_share): all of them with one."""
+    whole_runs, rest = divmod(batches, options.batches_per_step)
+    return whole_runs * options.grad_accum + math.ceil(rest / options.processes)
+
+
+# =================================================================================================
+# Several processes
+# =================================================================================================
+
+def process_share(batches: list[list[Sample]], process: int, options: PlanOptions) -> list[list[Sample]]:
+    """The batches one process trains, out of the epoch's: from each optimizer step's run of grad_accum x
+    processes batches, every processes-th one starting at `process`, so each sample trains once per epoch
+    on one process and every batch keeps its bucket.
+
+    The epoch's last run may be shorter: processes left short get stand-in batches (a copy of one of the
+    run's batches, marked stand_in, which loads and trains nothing) so that every process has as many
+    batches and steps at the same time.
+    """
+    if options.processes == 1:
+        return batches
+    share = []
+    for start in range(0, len(batches), options.batches_per_step):
+        run = batches[start:start + options.batches_per_step]
+        mine = run[process::options.processes]
+        short = math.ceil(len(run) / options.processes) - len(mine)
+        share += mine + [[dataclasses.replace(sample, stand_in=True) for sample in run[0]]] * short
+    return share

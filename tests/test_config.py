@@ -94,7 +94,8 @@ def test_every_key_is_usable_in_json_and_on_the_command_line(tmp_path, images):
         assert value != FIELDS[name].default, name
         needs = {"ema_resume_model": {"ema_decay_rate": 0.9},  # the keys it only works with
                  "early_stopping_patience": {"validation_config": "validation.json"},
-                 "save_best_val": {"validation_config": "validation.json"}}.get(name, {})
+                 "save_best_val": {"validation_config": "validation.json"},
+                 "cache_text_embeddings": {"disable_textenc_training": True}}.get(name, {})
         from_json = load_config(["--config", write_config(tmp_path, {**base, **needs, name: value})]).config
         from_cli = load_config(["--config", write_config(tmp_path, {**base, **needs}), f"--{name}",
                                 *as_flag_values(value)]).config
@@ -311,16 +312,6 @@ def test_config_file_must_exist_and_hold_an_object(tmp_path):
         load_config(["--config", str(tmp_path / "nope.json")])
     with pytest.raises(ConfigError, match="JSON object"):
         load_config(["--config", write_config(tmp_path, [1, 2])])
-
-
-def test_planned_keys_are_accepted_and_reported_as_having_no_effect_yet(tmp_path, images):
-    path = write_config(tmp_path, {"resume_ckpt": "builtin:tiny", "data_root": images, "sample_steps": 300,
-                                   "load_settings_every_epoch": True, "wandb": False, "ema_decay_rate": 0.999})
-    loaded = load_config(["--config", path])
-    assert loaded.config.load_settings_every_epoch is True
-    assert any("load_settings_every_epoch" in n and "no effect yet" in n for n in loaded.notes)
-    assert not any("wandb" in n for n in loaded.notes)  # at its default: nothing to say
-    assert not any(key in n for n in loaded.notes for key in ("ema_decay_rate", "sample_steps"))  # they work now
 
 
 def test_validate_reports_wrong_types_of_a_directly_built_config(images):

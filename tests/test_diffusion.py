@@ -110,6 +110,12 @@ def test_step_generator_differs_across_steps_and_seeds():
             assert not torch.equal(values[i], values[j])
 
 
+def test_step_generator_gives_each_process_its_own_stream():
+    first, second = (torch.randn(16, generator=step_generator(555, 42, CPU, process)) for process in (0, 1))
+    assert not torch.equal(first, second)
+    assert torch.equal(first, torch.randn(16, generator=step_generator(555, 42, CPU)))  # one process: unchanged
+
+
 def test_step_generator_does_not_touch_the_global_rng():
     torch.manual_seed(123)
     expected = torch.rand(4)

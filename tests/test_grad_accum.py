@@ -45,6 +45,11 @@ def samples():
             "indices": list(range(SAMPLES)), "loss_scale": torch.tensor([1.0, 0.5, 2.0, 1.0])}
 
 
+def loader_batch(values: dict) -> dict:
+    """A batch as data.dataset.Collate makes it, from the tensors the tests choose."""
+    return {"latent_params": None, "stand_in": False, "bucket": (64, 64), "captions": [], **values}
+
+
 def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch):
     """One optimizer step over the samples in micro-batches of batch_size; the UNet's weights after it."""
     from accelerate import Accelerator
@@ -64,7 +69,7 @@ def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch):
     plan = SimpleNamespace(config=SimpleNamespace(grad_accum=grad_accum, clip_grad_norm=None, seed=0),
                            optimizer_settings=SimpleNamespace(log_grad_norm=False, grad_scaler_step_tweaks=False))
     state = LoopState()
-    batches = [{key: value[start:start + batch_size] for key, value in samples.items()}
+    batches = [loader_batch({key: value[start:start + batch_size] for key, value in samples.items()})
                for start in range(0, len(samples["indices"]), batch_size)]
     for index, batch in enumerate(batches):
         train.train_batch(trainee, batch, index, len(batches), optimizer, schedule, plan, state, Accelerator(cpu=True))
@@ -122,7 +127,7 @@ def test_training_lowers_the_loss_on_fixed_noise_and_timesteps(samples, monkeypa
         before = per_sample_noise_step(trainee, samples, None, 0, None).item()
     state, accelerator = LoopState(), Accelerator(cpu=True)
     for _ in range(15):
-        train.train_batch(trainee, samples, 0, 1, optimizer, schedule, plan, state, accelerator)
+        train.train_batch(trainee, loader_batch(samples), 0, 1, optimizer, schedule, plan, state, accelerator)
     with torch.no_grad():
         after = per_sample_noise_step(trainee, samples, None, 0, None).item()
     assert state.optimizer_step == 15
@@ -152,7 +157,7 @@ def test_a_frozen_part_gets_no_gradient_no_graph_and_no_optimizer_state(samples,
     parts = trainee.trained_parts()
     optimizer = torch.optim.AdamW([p for m in parts.values() for p in m.parameters()], lr=1e-3)
     config = TrainConfig(resume_ckpt="builtin:tiny", cond_dropout=0.0)
-    loss = train.train_step(trainee, samples, config, 0, Accelerator(cpu=True))
+    loss = train.train_step(trainee, loader_batch(samples), config, 0, Accelerator(cpu=True))
     loss.backward()
     optimizer.step()
     frozen = model.text_encoder if train_unet else model.unet
@@ -171,7 +176,7 @@ def test_an_unreadable_batch_in_a_group_does_not_shrink_the_update(samples, monk
     over the batches that trained, the same as training those alone."""
     first_two = {key: value[:2] for key, value in samples.items()}
     reference, _, _ = train_one_update(first_two, 2, 1, monkeypatch)
-    unreadable = {"pixels": None, "input_ids": None, "indices": [], "loss_scale": None}
+    unreadable = loader_batch({"pixels": None, "input_ids": None, "indices": [], "loss_scale": None})
     original = train.train_batch
 
     def with_a_broken_second_batch(trainee, batch, index, batches_in_epoch, *args):

@@ -52,9 +52,13 @@ def runs(tmp_path_factory):
     often they sample (at the end only vs every 3 steps), to check the outputs and that neither changes
     what is trained."""
     root = tmp_path_factory.mktemp("demo")
-    quick = root / "quick_samples.json"  # one prompt, few steps: sampling often stays cheap
+    quick = root / "quick_samples.json"  # few steps: the demo's 3 prompts x 3 CFGs x 30 steps take 40 s here
     quick.write_text(json.dumps({"num_inference_steps": 4, "cfgs": [7, 1], "samples": [{"prompt": "a red circle"}]}))
-    return (demo_run(root / "a", samples=True),
+    demo_prompts = root / "demo_prompts.json"  # the demo's prompts and EveryDream2's default 3 CFG panels
+    demo_prompts.write_text(json.dumps({"num_inference_steps": 4, "samples": [
+        {"prompt": line} for line in (REPO / "sample_prompts.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")]}))
+    return (demo_run(root / "a", "--sample_prompts", str(demo_prompts), samples=True),
             demo_run(root / "b", "--num_workers", "0", "--sample_prompts", str(quick), "--sample_steps", "3",
                      samples=True))
 

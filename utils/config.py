@@ -48,16 +48,10 @@ def option(
     minimum: float | None = None,
     maximum: float | None = None,
     above: float | None = None,
-    planned: str | None = None,
 ) -> Any:
-    """A config field: its default, one-line help, and the rules a value must satisfy.
-
-    ``planned`` names the feature that will give the key its effect: the key is accepted (EveryDream2
-    configs use it) and a non-default value is reported as having no effect yet.
-    """
+    """A config field: its default, one-line help, and the rules a value must satisfy."""
     assert group in GROUPS, group
-    meta = dict(help=help, group=group, choices=choices, minimum=minimum, maximum=maximum, above=above,
-                planned=planned)
+    meta = dict(help=help, group=group, choices=choices, minimum=minimum, maximum=maximum, above=above)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -89,6 +83,17 @@ class TrainConfig:
         "`slice` (lowest memory, slowest).", group="Model", choices=("sdp", "xformers", "slice"))
     gradient_checkpointing: bool = option(
         False, "Recompute activations in the backward pass: much less VRAM, about 20-30% slower.", group="Model")
+    cache_latents: bool = option(
+        False, "Encode each image variant (bucket, crop, flip) with the VAE once, keep the latents on disk in "
+        "latent_cache_dir, and skip the VAE in training. Crops are then fixed per image (no new crop jitter "
+        "each epoch); flips still vary. Not with plugins that transform images. See doc/PERFORMANCE.md.",
+        group="Model")
+    latent_cache_dir: str | None = option(
+        None, "Folder for cache_latents, keyed by image content, crop, flip and VAE weights, so runs and chained "
+        "sessions share it; null = latent_cache under logdir.", group="Model")
+    cache_text_embeddings: bool = option(
+        False, "With the text encoder frozen (disable_textenc_training): encode each distinct caption once and "
+        "reuse it. Not with shuffle_tags, whose captions change every epoch.", group="Model")
     mixed_precision: str = option(
         "fp16", "Mixed precision on CUDA: `fp16` (with a grad scaler), `bf16` (Ampere or newer), `no`. "
         "CPU always trains in fp32.", group="Model", choices=("fp16", "bf16", "no"))
@@ -276,16 +281,18 @@ class TrainConfig:
         False, "Keep a best- checkpoint of the lowest validation loss so far (replaced when it improves). "
         "Needs a held-out validation set.", group="Logging, samples and validation")
     wandb: bool = option(
-        False, "Also log to Weights & Biases.", group="Logging, samples and validation", planned="wandb logging")
+        False, "Also log to Weights & Biases (needs `pip install wandb` and `wandb login`, or WANDB_MODE=offline); "
+        "the project is project_name.", group="Logging, samples and validation")
     run_name: str | None = option(
-        None, "Run name shown in Weights & Biases.", group="Logging, samples and validation",
-        planned="wandb logging")
+        None, "Run name shown in Weights & Biases; null = the run folder's name.",
+        group="Logging, samples and validation")
     load_settings_every_epoch: bool = option(
-        False, "Re-read the config file at each epoch and apply the keys that can change live.",
-        group="Logging, samples and validation", planned="live settings reload")
+        False, "Re-read the config file at each epoch start and apply the keys that can change live (noise, "
+        "loss, timestep, log and save keys; doc/LOGGING.md); command-line flags keep their values.",
+        group="Logging, samples and validation")
     plugins: list[str] = option(
-        [], "Plugin classes to load, as `module.Class`.", group="Logging, samples and validation",
-        planned="plugins")
+        [], "Plugin classes to load, as `module.Class` (e.g. `plugins.example_plugin.ExampleLoggingPlugin`); "
+        "see doc/PLUGINS.md.", group="Logging, samples and validation")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -562,6 +569,14 @@ def _consistency_problems(cfg: TrainConfig, source_of: Callable[[str], str]) -> 
     for key in ("early_stopping_patience", "save_best_val"):
         if getattr(cfg, key) and not cfg.validation_config:
             add(key, "needs validation_config: it watches the validation loss.")
+    if cfg.cache_text_embeddings and not cfg.disable_textenc_training:
+        add("cache_text_embeddings", "needs disable_textenc_training: true; a trained text encoder gives new "
+            "embeddings at every step.")
+    if cfg.cache_text_embeddings and cfg.shuffle_tags:
+        add("cache_text_embeddings", "cannot be used with shuffle_tags: shuffled captions differ every epoch, so "
+            "there is nothing to reuse.")
+    if cfg.latent_cache_dir and os.path.isfile(cfg.latent_cache_dir):
+        add("latent_cache_dir", f"{cfg.latent_cache_dir!r} is a file: give a folder (it is created when needed).")
     if cfg.disable_unet_training and cfg.disable_textenc_training:
         add("disable_unet_training", "and disable_textenc_training are both true: nothing would train.")
     if cfg.timestep_start >= cfg.timestep_end:
@@ -596,17 +611,6 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> list[Co
     if well_typed:
         problems += _consistency_problems(cfg, source_of)
     return problems
-
-
-def planned_notes(cfg: TrainConfig) -> list[str]:
-    """Keys set away from their default whose feature is not in this version yet."""
-    notes = []
-    for name, f in FIELDS.items():
-        planned = f.metadata["planned"]
-        if planned and getattr(cfg, name) != field_default(name):
-            notes.append(f"{name}: {getattr(cfg, name)!r} has no effect yet: {planned} is not implemented in "
-                         "this version.")
-    return notes
 
 
 # =================================================================================================
@@ -691,7 +695,7 @@ def merge(file_values: dict[str, Any] | None = None, file_name: str | None = Non
     problems += [p for p in validate(config, origins) if p.key not in reported]
     if problems:
         raise ConfigError(problems)
-    return LoadedConfig(config, origins, notes + planned_notes(config), file_name)
+    return LoadedConfig(config, origins, notes, file_name)
 
 
 # =================================================================================================
@@ -717,8 +721,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in FIELDS.items():
         tp = FIELD_TYPES[name]
         help_text = f.metadata["help"].replace("%", "%%") + f" (default: {_default_text(name)})"
-        if f.metadata["planned"]:
-            help_text += " [no effect yet]"
         _add_flag(groups[f.metadata["group"]], name, tp, help_text, FIELDS[name].metadata["choices"])
     legacy = parser.add_argument_group("Legacy EveryDream2 keys (accepted, see doc/CONFIG.md)")
     for name, key in LEGACY_KEYS.items():

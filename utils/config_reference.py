@@ -55,8 +55,6 @@ def render_markdown() -> str:
             if f.metadata["group"] != group:
                 continue
             help_text = f.metadata["help"].replace("|", "\\|")
-            if f.metadata["planned"]:
-                help_text += f" *No effect yet ({f.metadata['planned']}).*"
             lines.append(f"| `{name}` | {_default(name)} | {_allowed(name)} | {help_text} |")
         lines.append("")
     lines += ["## Legacy EveryDream2 keys", "",

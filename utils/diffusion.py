@@ -11,12 +11,14 @@ import random
 import torch
 
 
-def step_generator(seed: int, global_step: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, global_step: int, device: torch.device, process: int = 0) -> torch.Generator:
     """The random stream for one training step: noise, timesteps and the VAE's latent sample.
 
-    Derived from (seed, step), so a run resumed at any step draws exactly what it would have drawn.
+    Derived from (seed, step), so a run resumed at any step draws exactly what it would have drawn; in a
+    multi-GPU run each process draws its own stream (process 0's is the single-process one).
     """
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + global_step)
+    # The CPU generator keeps 32 bits of the seed: processes are 2^24 steps apart in that space.
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + global_step + process * 2**24) % 2**32)
 
 
 def sample_timesteps(batch_size: int, start: int, end: int, generator: torch.Generator,

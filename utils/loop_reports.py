@@ -9,12 +9,31 @@ import time
 log = logging.getLogger("train")
 
 
-def make_progress(total_steps: int, is_main_process: bool, done: int = 0):
-    """A step progress bar on the main process; tqdm hides it when the output is not a terminal."""
-    from tqdm import tqdm
+class Progress:
+    """Two tqdm bars on the main process: epochs, and the run's steps with loss, lr, images/s and the ETA of
+    the whole run. tqdm hides them when the output is not a terminal (the log file gets the epoch lines)."""
 
-    return tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True,
-                disable=None if is_main_process else True)
+    def __init__(self, max_epochs: int, total_steps: int, is_main_process: bool, epochs_done: int = 0,
+                 steps_done: int = 0):
+        from tqdm import tqdm
+
+        shown = None if is_main_process else True
+        self.epochs = tqdm(total=max_epochs, initial=epochs_done, unit="epoch", desc="epochs", position=0,
+                           dynamic_ncols=True, disable=shown)
+        self.steps = tqdm(total=total_steps, initial=steps_done, unit="step", desc="steps", position=1,
+                          dynamic_ncols=True, disable=shown)
+
+    def step(self, postfix: str | None = None) -> None:
+        if postfix:
+            self.steps.set_postfix_str(postfix, refresh=False)
+        self.steps.update(1)
+
+    def epoch_done(self) -> None:
+        self.epochs.update(1)
+
+    def close(self) -> None:
+        self.steps.close()
+        self.epochs.close()
 
 
 GRAD_NORM_TAGS = {"unet": "optimizer/unet_grad_norm", "text encoder": "optimizer/te_grad_norm"}  # EveryDream2's
@@ -66,8 +85,11 @@ class LossMeter:
         self.since_log, self.log_started = [], now
         return values
 
-    def postfix(self, epoch: int, max_epochs: int, optimizer) -> str:
-        return f"epoch {epoch + 1}/{max_epochs}, loss {self.last_log_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}"
+    @staticmethod
+    def postfix(values: dict[str, float]) -> str:
+        """For the progress bar, from a log step's scalars (the first lr is the UNet's when it trains)."""
+        lr = next(value for tag, value in values.items() if tag.startswith("hyperparameter/lr"))
+        return f"loss {values['loss/log_step']:.4f}, lr {lr:.2e}, {values['performance/images per second']:.1f} img/s"
 
     def epoch_scalars(self) -> dict[str, float]:
         return {"loss/epoch": self._mean(self.epoch),

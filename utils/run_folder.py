@@ -43,13 +43,14 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(run_dir: str | None) -> None:
-    """Console (and, for the main process, `train.log` in the run folder) at INFO level.
+def setup_logging(run_dir: str | None, main_process: bool = True) -> None:
+    """Console (and `train.log` in the run folder, when given) at INFO level; processes other than the main
+    one of a multi-GPU run report warnings and errors only.
 
     Libraries' own progress bars and chatter are turned down: the trainer reports what matters.
     """
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
     for handler in list(root.handlers):
         root.removeHandler(handler)
     console = _TqdmHandler()

@@ -1,0 +1,1 @@
+"""Plugins shipped with the trainer; see utils/plugins.py and doc/PLUGINS.md."""

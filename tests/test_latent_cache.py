@@ -1,0 +1,319 @@
+"""Latent and text-embedding caching: fixed crops in the plan, the on-disk VAE posterior cache, the dataset
+reading from it, and the in-memory text-embedding cache. CPU, on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from data.captions import Tag
+from data.dataset import EpochBatches, PlannedImages, load_pixels, make_loader
+from data.image_io import read_image_size
+from data.items import ImageItem
+from data.plan import PlanOptions, image_variants, plan_epoch, plan_sample
+from utils.latent_cache import (LatentCache, MissingLatents, TextEmbeddingCache, fill_latent_cache,
+                                sample_latents, weights_digest)
+from utils.model_family import SD1
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "images")
+
+
+def flat(batches):
+    return [sample for batch in batches for sample in batch]
+
+
+# =================================================================================================
+# The plan with fixed crops (pure: no files, no model)
+# =================================================================================================
+
+def plan_items(count=24, **settings):
+    buckets = [(512, 512), (640, 384), (384, 640)]
+    return [ImageItem(f"/data/{i}.jpg", (700, 700), buckets[i % 3], main_prompt=f"image {i}",
+                      tags=(Tag("red"), Tag("blue", 2.0)), **settings) for i in range(count)]
+
+
+def test_fixed_crops_are_the_same_in_every_epoch_and_copy():
+    items = plan_items(multiply=2.0)
+    options = PlanOptions(seed=4, batch_size=3, flip_p=0.5, max_epochs=5, fixed_crops=True)
+    crops: dict[int, set] = {}
+    for epoch in range(5):
+        for s in flat(plan_epoch(items, epoch, options)):
+            crops.setdefault(s.index, set()).add((s.crop_x, s.crop_y, s.jitter))
+    assert all(len(found) == 1 for found in crops.values())
+    assert len({found.pop() for found in crops.values()}) == len(items)  # still drawn per image
+
+
+def test_fixed_crops_leave_order_flips_and_captions_as_they_were():
+    items = plan_items()
+    args = dict(seed=9, batch_size=4, flip_p=0.5, cond_dropout=0.3, shuffle_tags=True)
+    for epoch in (0, 3):
+        free = flat(plan_epoch(items, epoch, PlanOptions(**args)))
+        fixed = flat(plan_epoch(items, epoch, PlanOptions(**args, fixed_crops=True)))
+        assert [(s.index, s.flip, s.caption) for s in free] == [(s.index, s.flip, s.caption) for s in fixed]
+
+
+def test_image_variants_cover_every_sample_of_a_run():
+    items = plan_items(multiply=1.5) + [ImageItem("/data/never.jpg", (700, 700), (512, 512), multiply=0.0)]
+    items[0] = ImageItem("/data/flipped.jpg", (700, 700), (512, 512), flip_p=1.0)
+    items[1] = ImageItem("/data/upright.jpg", (700, 700), (512, 512), flip_p=0.0)
+    options = PlanOptions(seed=2, batch_size=2, flip_p=0.5, max_epochs=8, fixed_crops=True)
+    variants = image_variants(items, options)
+    trained = {s.variant for epoch in range(8) for s in flat(plan_epoch(items, epoch, options))}
+    assert trained == set(variants)  # eight epochs at flip_p 0.5 meet both sides of every image
+    assert len(variants) == len(set(variants)) == 2 * (len(items) - 3) + 2
+    assert [v.flip for v in variants if v.index in (0, 1)] == [True, False]
+    assert all(v.index != len(items) - 1 for v in variants)  # multiply 0 never trains
+
+
+def test_without_fixed_crops_the_plan_is_unchanged():
+    items = [ImageItem(f"/data/{i}.jpg", (700, 700), b, main_prompt=f"image {i}",
+                       tags=(Tag("red"), Tag("blue", 2.0), Tag("green")), multiply=1.5 if i % 3 == 0 else 1.0,
+                       flip_p=0.9 if i % 5 == 0 else None)
+             for i, b in enumerate([(512, 512), (640, 384), (384, 640), (512, 512), (1024, 256)] * 4)]
+    options = PlanOptions(seed=11, batch_size=3, flip_p=0.5, cond_dropout=0.2, shuffle_tags=True, max_epochs=4)
+    values = [[[(s.index, s.copy, s.bucket, s.crop_x, s.crop_y, s.jitter, s.flip, s.caption, s.loss_scale)
+                for s in batch] for batch in plan_epoch(items, epoch, options)] for epoch in range(4)]
+    # Recorded before fixed_crops existed (repr keeps every float exactly): the streams draw the same numbers.
+    assert hashlib.sha1(repr(values).encode()).hexdigest() == "87c487e33caf5b5e09deb6048d78f84b681b9e0b"
+    a, b = (plan_sample(items, 1, 0, epoch, options) for epoch in (0, 1))
+    assert (a.crop_x, a.crop_y) != (b.crop_x, b.crop_y)
+
+
+# =================================================================================================
+# The latent cache (tiny VAE)
+# =================================================================================================
+
+IMAGES = [  # (file, bucket, flip_p): two buckets with two images each, and one alone in a third
+    ("a red circle on a blue background.png", (64, 64), None),
+    ("a yellow square on a green background_(1).jpg", (64, 64), 1.0),
+    ("orange stripes, striped pattern, abstract.jpg", (96, 64), None),
+    ("triangle.png", (96, 64), 0.0),
+    ("tower.jpg", (64, 96), None),
+]
+OPTIONS = PlanOptions(seed=5, batch_size=2, flip_p=0.5, max_epochs=3, fixed_crops=True)
+
+
+def copy_images(folder) -> list[ImageItem]:
+    """Items over copies of example images (so a test may delete or damage them), at small buckets."""
+    items = []
+    for name, bucket, flip_p in IMAGES:
+        path = os.path.join(folder, name)
+        shutil.copyfile(os.path.join(EXAMPLES, name), path)
+        items.append(ImageItem(path, read_image_size(path), bucket, main_prompt=name, flip_p=flip_p))
+    return items
+
+
+@pytest.fixture(scope="module")
+def vae(tiny):
+    return tiny["vae"]
+
+
+@pytest.fixture(scope="module")
+def filled(vae, tmp_path_factory):
+    """Items, their variants, and a cache filled with every variant."""
+    items = copy_images(tmp_path_factory.mktemp("images"))
+    variants = image_variants(items, OPTIONS)
+    cache = LatentCache.open(str(tmp_path_factory.mktemp("cache")), vae, items)
+    result = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, progress=False)
+    return items, variants, cache, result
+
+
+def test_fill_encodes_every_variant_once(filled):
+    items, variants, cache, result = filled
+    assert len(variants) == 8  # two sides of three images, one of the others
+    assert (result.encoded, result.reused, result.failed) == (8, 0, [])
+    files = [os.path.join(root, f) for root, _, names in os.walk(cache.folder) for f in names]
+    assert sorted(files) == sorted(cache.entry_path(items[v.index].path, v) for v in variants)
+    assert all(os.path.basename(os.path.dirname(f)) == os.path.basename(f)[:2] for f in files)
+
+
+def test_cached_parameters_sample_the_latents_the_vae_gives(filled, vae):
+    items, variants, cache, _ = filled
+    for bucket in {v.bucket for v in variants}:
+        group = [v for v in variants if v.bucket == bucket]  # as the fill batched them: same batch, same maths
+        params = torch.stack([cache.load(items[v.index].path, v) for v in group])
+        pixels = torch.stack([load_pixels(items[v.index].path, v) for v in group])
+        with torch.no_grad():
+            expected = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(3))
+        assert params.dtype == torch.float32
+        assert torch.equal(sample_latents(params, torch.Generator().manual_seed(3)), expected)
+
+
+def test_cached_parameters_match_a_different_batching_closely(filled, vae):
+    items, variants, cache, _ = filled
+    v = variants[0]
+    with torch.no_grad():
+        alone = vae.encode(load_pixels(items[v.index].path, v)[None]).latent_dist.parameters[0]
+    # CPU convolutions pick their kernels by batch size, so the last bits differ between batchings.
+    assert torch.allclose(cache.load(items[v.index].path, v), alone, atol=1e-5)
+
+
+def test_a_second_fill_reuses_every_entry(filled, vae):
+    items, variants, cache, _ = filled
+    again = LatentCache.open(cache.folder, vae, items)
+    result = fill_latent_cache(again, items, variants, vae, "cpu", batch_size=8, progress=False)
+    assert (result.encoded, result.reused, result.failed) == (0, len(variants), [])
+
+
+def test_another_vae_gets_other_keys(filled, vae):
+    items, variants, cache, _ = filled
+    other = copy.deepcopy(vae)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    assert weights_digest(other) != weights_digest(vae) == cache.vae_digest
+    other_cache = LatentCache.open(cache.folder, other, items)
+    v = variants[0]
+    assert other_cache.entry_path(items[v.index].path, v) != cache.entry_path(items[v.index].path, v)
+    with pytest.raises(MissingLatents, match="fill_latent_cache"):
+        other_cache.load(items[v.index].path, v)
+
+
+def test_unreadable_images_are_reported_and_skipped(vae, tmp_path):
+    items = copy_images(tmp_path)
+    with open(items[0].path, "r+b") as handle:  # damaged after the scan: the header reads, the pixels do not
+        handle.truncate(300)
+    os.remove(items[2].path)  # gone
+    variants = image_variants(items, OPTIONS)
+    cache = LatentCache.open(str(tmp_path / "cache"), vae, items)
+    result = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, progress=False)
+    assert [path for path, _ in result.failed] == sorted([items[0].path, items[2].path])
+    assert all(reason.startswith("cannot be read") for _, reason in result.failed)
+    assert result.encoded == len([v for v in variants if v.index not in (0, 2)])
+    dataset = PlannedImages(items, cache)  # the dataset reports them as it reports any unreadable image
+    for v in variants:
+        sample = plan_sample(items, v.index, 0, 0, OPTIONS)
+        got = dataset[sample]
+        assert ("failed" in got) == (v.index in (0, 2))
+
+
+def test_shares_are_disjoint_and_together_complete(filled, vae, tmp_path):
+    items, variants, _, _ = filled
+    cache = LatentCache.open(str(tmp_path), vae, items)
+    first = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, share=(0, 2), progress=False)
+    second = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, share=(1, 2), progress=False)
+    assert (first.encoded, first.reused) == (4, 0)
+    assert (second.encoded, second.reused) == (4, 0)  # nothing the first share wrote
+    whole = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, progress=False)
+    assert (whole.encoded, whole.reused) == (0, len(variants))
+
+
+# =================================================================================================
+# The dataset reading the cache
+# =================================================================================================
+
+def test_the_loader_gives_cached_parameters_without_opening_images(vae, tmp_path):
+    items = copy_images(tmp_path)
+    cache = LatentCache.open(str(tmp_path / "cache"), vae, items)
+    fill_latent_cache(cache, items, image_variants(items, OPTIONS), vae, "cpu", batch_size=8, progress=False)
+    for item in items:
+        os.remove(item.path)
+    cache = pickle.loads(pickle.dumps(cache))  # as data-loader workers receive it
+    batches = EpochBatches()
+    loader = make_loader(items, batches, num_workers=0, pin_memory=False, latent_cache=cache)
+    for epoch in range(OPTIONS.max_epochs):
+        planned = plan_epoch(items, epoch, OPTIONS)
+        batches.set_plan(planned)
+        for batch, samples in zip(loader, planned):
+            assert batch["pixels"] is None and batch["failed"] == []
+            expected = torch.stack([cache.load(items[s.index].path, s.variant) for s in samples])
+            assert torch.equal(batch["latent_params"], expected)
+            assert batch["indices"] == [s.index for s in samples]
+
+
+def test_a_missing_entry_is_an_error_that_says_to_fill(vae, tmp_path):
+    items = copy_images(tmp_path)
+    cache = LatentCache.open(str(tmp_path / "empty"), vae, items)
+    sample = plan_epoch(items, 0, OPTIONS)[0][0]
+    with pytest.raises(MissingLatents, match="fill_latent_cache must run"):
+        PlannedImages(items, cache)[sample]
+
+
+def test_without_a_cache_batches_have_pixels_and_no_latent_params(filled):
+    items = filled[0]
+    batches = EpochBatches()
+    loader = make_loader(items, batches, num_workers=0, pin_memory=False)
+    batches.set_plan(plan_epoch(items, 0, OPTIONS))
+    for batch in loader:
+        assert batch["latent_params"] is None and batch["pixels"].shape[1] == 3
+
+
+# =================================================================================================
+# Text embeddings
+# =================================================================================================
+
+def test_text_embedding_cache_encodes_each_caption_once(tiny):
+    text_encoder, tokenizer = tiny["text_encoder"], tiny["tokenizer"]
+    calls = []
+
+    def encode(input_ids, clip_skip):
+        calls.append(len(input_ids))
+        return SD1.encode(text_encoder, input_ids, clip_skip).hidden_states
+
+    def direct(input_ids, clip_skip=0):
+        with torch.no_grad():
+            return SD1.encode(text_encoder, input_ids, clip_skip).hidden_states
+
+    cache = TextEmbeddingCache(encode)
+    first = SD1.tokenize(tokenizer, ["a red circle", "blue sky", "a red circle", ""])
+    assert torch.equal(cache(first), direct(first[[0, 1, 0, 3]]))  # one encode of the three distinct rows
+    assert calls == [3]
+    second = SD1.tokenize(tokenizer, ["blue sky", "a green tree", ""])
+    got = cache(second)
+    assert calls == [3, 1]
+    # Rows encoded in other batches: CPU matmuls may round the last bits differently by batch size.
+    assert torch.allclose(got, direct(second), atol=1e-5)
+    assert torch.equal(cache(first), cache(first)) and calls == [3, 1]
+    cache(second, clip_skip=2)  # another layer: new keys
+    assert calls == [3, 1, 3] and cache.encoded == 7
+    assert not cache(first).requires_grad
+
+
+# =================================================================================================
+# In training: train.train_step from the caches gives the loss it gives from images and captions
+# =================================================================================================
+
+def test_train_step_gives_the_same_loss_from_cached_latents_and_text_embeddings(tmp_path):
+    from accelerate import Accelerator
+
+    import train
+    from data.dataset import Collate
+    from utils.config import TrainConfig
+    from utils.models import load_model
+
+    model = load_model("builtin:tiny")
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.requires_grad_(False)
+    accelerator = Accelerator(cpu=True)
+    scheduler = model.scheduler
+    trainee = train.Trainee(model, model.unet, model.text_encoder, train_unet=True, train_text_encoder=False,
+                            alphas_cumprod=scheduler.alphas_cumprod)
+    config = TrainConfig(resume_ckpt="builtin:tiny", data_root=EXAMPLES, min_snr_gamma=5.0,
+                         zero_frequency_noise_ratio=0.1)
+    (tmp_path / "images").mkdir()
+    items = copy_images(tmp_path / "images")
+    same_bucket = [item for item in items if item.bucket == items[0].bucket][:2]
+    options = PlanOptions(seed=3, batch_size=2, fixed_crops=True)
+    samples = [plan_sample(same_bucket, index, 0, 0, options) for index in range(len(same_bucket))]
+    collate = Collate(lambda captions: model.family.tokenize(model.tokenizer, captions))
+
+    from_images = collate([PlannedImages(same_bucket)[sample] for sample in samples])
+    cache = LatentCache.open(str(tmp_path / "cache"), model.vae, same_bucket)
+    fill_latent_cache(cache, same_bucket, image_variants(same_bucket, options), model.vae, "cpu", batch_size=2,
+                      progress=False)
+    from_cache = collate([PlannedImages(same_bucket, cache)[sample] for sample in samples])
+    assert from_cache["pixels"] is None and from_cache["latent_params"] is not None
+
+    with torch.no_grad():
+        expected = train.train_step(trainee, from_images, config, 7, accelerator)
+        trainee.text_embeddings = TextEmbeddingCache(
+            lambda ids, skip: model.family.encode(model.text_encoder, ids, skip).hidden_states)
+        cached = train.train_step(trainee, from_cache, config, 7, accelerator)
+    assert torch.equal(cached, expected)  # the same VAE batch, the same step generator: the same draws
+    assert trainee.text_embeddings.encoded == 2
+

@@ -1,0 +1,78 @@
+"""Several processes (accelerate launch, gloo on CPU): the epoch plan is split, not repeated, and only the
+main process writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from data.items import ImageItem, scan_dataset
+from data.plan import PlanOptions, batches_per_epoch, plan_epoch, process_share
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def items(buckets: list[tuple[int, int]]) -> list[ImageItem]:
+    return [ImageItem(path=f"img{i}.jpg", size=(w, h), bucket=(w, h), main_prompt=f"caption {i}")
+            for i, (w, h) in enumerate(buckets)]
+
+
+def test_the_processes_share_each_epoch_once_in_lockstep():
+    images = items([(512, 512)] * 9 + [(576, 448)] * 5 + [(448, 576)] * 3)
+    for processes, grad_accum in ((2, 1), (3, 2), (4, 1)):
+        options = PlanOptions(seed=7, batch_size=2, grad_accum=grad_accum, processes=processes, max_epochs=3)
+        for epoch in range(3):
+            planned = plan_epoch(images, epoch, options)
+            shares = [process_share(planned, process, options) for process in range(processes)]
+            assert len({len(share) for share in shares}) == 1  # every process steps at the same batches
+            assert len(shares[0]) == batches_per_epoch(images, options)[epoch]
+            trained = [sample for share in shares for batch in share for sample in batch if not sample.stand_in]
+            assert Counter(s.index for s in trained) == Counter(range(len(images)))  # each image once
+            for batch in (batch for share in shares for batch in share):
+                assert len({sample.bucket for sample in batch}) == 1
+                assert len({sample.stand_in for sample in batch}) == 1
+
+
+def test_one_process_trains_the_whole_plan():
+    images = items([(512, 512)] * 5)
+    options = PlanOptions(seed=7, batch_size=2)
+    planned = plan_epoch(images, 0, options)
+    assert process_share(planned, 0, options) is planned
+
+
+def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo): one run folder, one set of checkpoints,
+    and every image loaded once per epoch across the two processes. With cache_latents the two encode the
+    images between them, and a later one-process run of the same data reuses every entry."""
+    log = tmp_path / "captions"
+    env = {**os.environ, "CAPTION_LOG_FILE": str(log)}
+    caching = ("--cache_latents", "--cache_text_embeddings", "--disable_textenc_training", "--latent_cache_dir",
+               str(tmp_path / "latents"))
+    settings = ("train.py", "--config", "train.json", "--cond_dropout", "0", "--log_step", "1", "--save_ckpt_dir",
+                "null", "--sample_prompts", "null", *caching)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", *settings, "--max_epochs", "2", "--logdir",
+         str(tmp_path / "logs"), "--plugins", "tests.recording_plugin.CaptionLog"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "effective batch: 4 images per optimizer step (batch_size 2 x grad_accum 1 x 2 processes)" in output
+    assert "12 image variants encoded, 0 reused" in output  # the demo's 12 images, no flips, shared out
+
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    # 7 batches per epoch in runs of 2: each process trains 4 per epoch (one stand-in at the end), so 8 steps.
+    assert [p.name for p in (run_dir / "ckpts").iterdir()] == ["last-demo-ep02-gs00008"]
+    per_process = [Counter((log.parent / f"{log.name}.{rank}").read_text().splitlines()) for rank in (0, 1)]
+    assert all(per_process)  # both processes loaded images
+    demo = scan_dataset(str(REPO / "examples" / "images"), 256).items
+    once = Counter(item.caption for item in demo)
+    assert per_process[0] + per_process[1] == once + once  # the 12 demo images, once in each of the 2 epochs
+
+    again = subprocess.run([sys.executable, *settings, "--max_epochs", "1", "--logdir", str(tmp_path / "again")],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 image variants encoded, 12 reused" in again.stdout + again.stderr
