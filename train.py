@@ -189,7 +189,7 @@ def plan_run(argv: list[str]) -> RunPlan:
                 f"({schedule[part].decay} steps), so the {group.lr_scheduler} schedule would never decay.")))
     if resume and not problems:
         differences = resume_differences(resume, to_json_dict(config), optimizer_summary(optimizer_settings),
-                                         dataset_fingerprint(scan.items))
+                                         dataset_fingerprint(scan.items), options.processes)
         if differences and not config.force_resume:
             problems.append(ConfigProblem("resume_run", loaded.origins["resume_run"], (
                 f"these differ from {resume.run_dir}, so the run would not continue as it started:\n      "
@@ -340,7 +340,7 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
         if plan.config.force_resume:
             write_json(os.path.join(run_dir, CONFIG_FILE), to_json_dict(plan.config))
             write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.items))
-            info["optimizer"] = optimizer_summary(plan.optimizer_settings)
+            info.update(optimizer=optimizer_summary(plan.optimizer_settings), processes=plan.data_options.processes)
         write_json(os.path.join(run_dir, INFO_FILE), info)
         return run_dir
     run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
@@ -360,7 +360,7 @@ def run_info(plan: RunPlan, started: bool = False) -> dict:
             "notes": plan.loaded.notes + list(plan.optimizer_settings.notes)}
     if started:
         info.update(started_at=time.time(), session_key=plan.session_key,
-                    optimizer=optimizer_summary(plan.optimizer_settings))
+                    optimizer=optimizer_summary(plan.optimizer_settings), processes=plan.data_options.processes)
     return info
 
 

@@ -180,6 +180,16 @@ def test_changed_settings_are_refused_with_the_list_unless_forced(tmp_path, imag
     assert any("lr: 0.0001 -> 0.0002" in note for note in plan.loaded.notes)
 
 
+def test_another_number_of_processes_is_refused_unless_forced(tmp_path, images, monkeypatch):
+    config = write_config(tmp_path, data_root=str(images))
+    run_dir = fake_run(tmp_path, config)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch --num_processes 2 sets it
+    with pytest.raises(ConfigError, match=r"processes: 1 -> 2 \(the epochs are split among them\)"):
+        train.plan_run(["--config", str(config), "--resume_run", str(run_dir)])
+    plan = train.plan_run(["--config", str(config), "--resume_run", str(run_dir), "--force_resume", "true"])
+    assert plan.data_options.processes == 2
+
+
 def test_a_changed_dataset_is_reported_with_counts(tmp_path, images):
     fake_run(tmp_path, write_config(tmp_path, data_root=str(images)))
     names = sorted(p.name for p in images.iterdir() if p.suffix == ".png")

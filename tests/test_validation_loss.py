@@ -60,19 +60,25 @@ def test_the_loss_type_and_min_snr_apply_as_in_training(measured):
     assert huber["loss/val"] != mse["loss/val"] and snr["loss/val"] != mse["loss/val"]
 
 
-def test_a_run_logs_validation_losses_at_the_scheduled_steps(tmp_path):
+def test_two_identical_runs_log_the_same_validation_losses_at_the_scheduled_steps(tmp_path):
     config = tmp_path / "validation.json"
     config.write_text(json.dumps({"auto_split_proportion": 0.25, "stabilize_training_loss": True,
                                   "every_n_epochs": 0.5}))
-    assert train.main(["--config", str(REPO / "train.json"), "--data_root", IMAGES, "--max_epochs", "1",
-                       "--num_workers", "0", "--validation_config", str(config), "--logdir", str(tmp_path / "logs"),
-                       "--sample_prompts", "null", "--no_save_ckpt", "true"]) == 0
-    (run_dir,) = (tmp_path / "logs").iterdir()
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
+    curves = []
+    for name in ("first", "second"):  # the second starts with the global random state the first left behind
+        assert train.main(["--config", str(REPO / "train.json"), "--data_root", IMAGES, "--max_epochs", "1",
+                           "--num_workers", "0", "--validation_config", str(config), "--logdir",
+                           str(tmp_path / name), "--sample_prompts", "null", "--no_save_ckpt", "true"]) == 0
+        (run_dir,) = (tmp_path / name).iterdir()
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        curves.append({tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                       for tag in ("loss/val", "loss/stabilize-train")})
     batches = 6  # the 9 images left after holding out 3, at batch size 2 in their buckets
-    for tag in ("loss/val", "loss/stabilize-train"):
-        assert [e.step for e in events.Scalars(tag)] == [0, batches // 2, batches]  # before, mid-epoch, end
+    for tag, values in curves[0].items():
+        assert [step for step, _ in values] == [0, batches // 2, batches]  # before, mid-epoch, end
+        assert len({value for _, value in values}) == 3  # the model changed between them
+    assert curves[0] == curves[1]  # exactly: every image's noise, timestep and latent sample are fixed
 
 
 def test_early_stopping_ends_the_run_with_its_final_save_when_validation_stops_improving(tmp_path):

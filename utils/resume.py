@@ -99,15 +99,19 @@ def load_settings(argv: list[str]) -> tuple[LoadedConfig, ResumeTarget | None]:
     return loaded, target
 
 
-def resume_differences(target: ResumeTarget, config: dict, optimizer: dict, fingerprint: dict) -> list[str]:
+def resume_differences(target: ResumeTarget, config: dict, optimizer: dict, fingerprint: dict,
+                       processes: int = 1) -> list[str]:
     """What would make the resumed run train differently from the run it continues: settings (the
-    resolved config as a dict), the optimizer settings (optimizer_summary) and the data (fingerprint)."""
+    resolved config as a dict), the optimizer settings (optimizer_summary), the data (fingerprint) and the
+    number of processes (each epoch's plan is split among them)."""
     from data.fingerprint import dataset_changes
 
     differences = settings_differences(read_run_config(target.run_dir), config)
     info = read_run_info(target.run_dir)
     if "optimizer" in info and info["optimizer"] != optimizer:
         differences.append("the optimizer settings (optimizer.json) changed")
+    if info.get("processes", 1) != processes:
+        differences.append(f"processes: {info.get('processes', 1)} -> {processes} (the epochs are split among them)")
     recorded = read_dataset_fingerprint(target.run_dir)
     changes = dataset_changes(recorded, fingerprint) if recorded is not None else None
     if changes:
