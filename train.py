@@ -300,18 +300,33 @@ def make_accelerator(plan: RunPlan):
         from optimizer.optimizer_config import GRAD_SCALER_START
 
         handlers.append(GradScalerKwargs(**GRAD_SCALER_START))
-    if config.clip_skip > 1 and not config.disable_textenc_training:
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        # The text encoder's last layers get no gradient when conditioning on an earlier layer; multi-GPU
-        # gradient averaging has to be told, or it waits for them.
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    handlers += multi_process_settings(config)
     # cpu=True without CUDA: several processes then train on the CPU with gloo (tests, and a launch on a
     # machine without GPUs) instead of each training alone.
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not cuda)
+    if accelerator.num_processes != plan.data_options.processes:
+        raise ConfigError([ConfigProblem("launch", "command line", (
+            f"{accelerator.num_processes} processes, but WORLD_SIZE says {plan.data_options.processes}: launch "
+            "with accelerate launch or torchrun, which set WORLD_SIZE (doc/MULTIGPU.md)."))])
     why = "disable_amp" if config.disable_amp else ("mixed_precision" if cuda else "CPU trains in fp32")
     plan.derived.append(f"mixed precision = {precision} ({why}) on {accelerator.device}")
     return accelerator
+
+
+def multi_process_settings(config: TrainConfig) -> list:
+    """How DistributedDataParallel and the process group are set up when several processes train."""
+    import datetime
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    # find_unused_parameters: with clip_skip the text encoder's last layers get no gradient, and gradient
+    # averaging must be told not to wait for them (clip_skip may change live with load_settings_every_epoch).
+    # broadcast_buffers off: no buffer of the UNet or text encoder changes in training, and the broadcast at
+    # each forward would pair wrongly when one process runs an extra forward (train_batch's stand-in).
+    unused = not config.disable_textenc_training and (config.clip_skip > 1 or config.load_settings_every_epoch)
+    # The other processes wait while the main one samples, validates or saves: allow them an hour.
+    return [DistributedDataParallelKwargs(find_unused_parameters=unused, broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))]
 
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
@@ -460,20 +475,22 @@ def start_ema(plan: RunPlan, trainee: Trainee, accelerator):
 
 def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     """cache_latents: encode every image variant the run can train (data/plan.py image_variants) that is not
-    cached yet, shared out among the processes; the cache, ready for the loader."""
+    cached yet, shared out among the processes of each machine (each machine may have its own copy of the
+    folder); the cache, ready for the loader."""
     from data.plan import image_variants
     from utils.latent_cache import LatentCache, fill_latent_cache as fill
     from utils.processes import sum_over_processes
 
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
+    machine_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by the launchers
     cache = LatentCache.open(folder, trainee.model.vae, plan.items)
     variants = image_variants(plan.items, plan.data_options)
     result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
-                  autocast=accelerator.autocast, share=(accelerator.process_index, accelerator.num_processes),
+                  autocast=accelerator.autocast, share=(accelerator.local_process_index, machine_processes),
                   progress=accelerator.is_main_process)
-    encoded, reused, failed = (sum_over_processes(accelerator, count)  # also waits for every process's share
-                               for count in (result.encoded, result.reused, len(result.failed)))
+    encoded, reused, failed = sum_over_processes(accelerator, result.encoded, result.reused,  # waits for all shares
+                                                 len(result.failed))
     log.info("latent cache %s: %d image variants encoded, %d reused%s", folder, encoded, reused,
              f", {failed} images unreadable (skipped in training)" if failed else "")
     return cache
@@ -601,7 +618,13 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
             accelerator.backward(train_step(trainee, stand_in, config, state.global_step, accelerator))
     norms = {}
     if steps_now:
-        trained_batches = sum_over_processes(accelerator, state.batches_in_group)
+        trained_batches, diverged = sum_over_processes(accelerator, state.batches_in_group,
+                                                       int(state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW))
+        if diverged:  # decided at the end of a group, where every process is, so that all of them stop
+            raise NonFiniteTraining(f"the loss was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} batches in a row "
+                                    f"(up to step {state.global_step + 1}): training has diverged. Lower lr, or "
+                                    "train with mixed_precision: bf16 or no if fp16 overflows; then continue from "
+                                    "the last checkpoint.")
         norms = step_optimizer(trainee, optimizer, schedule, plan, state, accelerator, trained_batches,
                                gradient_scale=group_size * accelerator.num_processes / max(1, trained_batches))
         state.batches_in_group = 0
@@ -638,16 +661,11 @@ class NonFiniteTraining(Exception):
 
 def skip_nonfinite(what: str, state) -> None:
     """Count a batch whose loss (or, in fp32 and bf16, a group whose gradient) is NaN or infinite, which
-    does not train; stop after too many in a row."""
+    does not train; train_batch stops the run after MAX_NONFINITE_IN_A_ROW in a row on any process."""
     state.nonfinite_batches += 1
     state.nonfinite_in_a_row += 1
     log.warning("step %d: %s (%d in a row, %d in the run)", state.global_step + 1, what, state.nonfinite_in_a_row,
                 state.nonfinite_batches)
-    if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-        raise NonFiniteTraining(f"the loss was NaN or infinite for {state.nonfinite_in_a_row} batches in a row "
-                                f"(up to step {state.global_step + 1}): training has diverged. Lower lr, or train "
-                                "with mixed_precision: bf16 or no if fp16 overflows; then continue from the last "
-                                "checkpoint.")
 
 
 def ends_group(index: int, batches_in_epoch: int, grad_accum: int) -> bool:
@@ -1015,9 +1033,10 @@ def train_epochs(run: Run, stop) -> bool:
                 state.elapsed_seconds += meter.add(loss)
                 postfix = None
                 if state.global_step % plan.config.log_step == 0:
-                    values = over_processes(meter.log_step_scalars(run.optimizer, state), run.accelerator)
+                    values = over_processes(meter.log_step_scalars(run.optimizer, state), meter.counts, run.accelerator)
                     tracker.scalars({**values, **device_scalars(run.accelerator)}, state.global_step)
-                    warn_of_a_spike(spikes, meter.last_log_loss, state.global_step)
+                    if run.accelerator.is_main_process:
+                        warn_of_a_spike(spikes, values["loss/log_step"], state.global_step)
                     postfix = meter.postfix(values)
                 progress.step(postfix)
                 run.plugins.run("on_step_end", **hook_arguments(run, local_step=index, batch=batch, loss=(
@@ -1036,7 +1055,7 @@ def train_epochs(run: Run, stop) -> bool:
             if state.batch_in_epoch < len(batches):  # stopped early within the epoch
                 return True
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            tracker.scalars(over_processes(meter.epoch_scalars(), run.accelerator), state.global_step)
+            tracker.scalars(over_processes(meter.epoch_scalars(), meter.counts, run.accelerator), state.global_step)
             log.info("epoch %d/%d: %s", state.epoch, plan.config.max_epochs, meter.epoch_summary())
             progress.epoch_done()
             run.plugins.run("on_epoch_end", **hook_arguments(run, epoch=state.epoch - 1))
@@ -1063,18 +1082,18 @@ def decide_together(run: Run, stop, end_of_epoch: bool) -> tuple[bool, bool]:
     return any_process(run.accelerator, stop.requested, save_due)
 
 
-def over_processes(values: dict[str, float], accelerator) -> dict[str, float]:
-    """Losses averaged and images per second summed over the processes (every process calls this; the tags
-    reduced are in every process's values)."""
-    from utils.processes import sum_over_processes
+def over_processes(values: dict[str, float], counts: dict[str, int], accelerator) -> dict[str, float]:
+    """Losses averaged over every process's batches (`counts`: how many each value averages) and images per
+    second summed (every process calls this; the tags reduced are in every process's values)."""
+    from utils.processes import mean_over_processes, sum_over_processes
 
     if accelerator.num_processes == 1:
         return values
-    reduced = {}
-    for tag, averaged in (("loss/log_step", True), ("loss/epoch", True), ("performance/images per second", False)):
-        if tag in values:
-            total = sum_over_processes(accelerator, values[tag])
-            reduced[tag] = total / accelerator.num_processes if averaged else total
+    reduced = {tag: mean_over_processes(accelerator, values[tag], counts[tag])
+               for tag in ("loss/log_step", "loss/epoch") if tag in values}
+    if "performance/images per second" in values:
+        (reduced["performance/images per second"],) = sum_over_processes(accelerator,
+                                                                         values["performance/images per second"])
     return {**values, **reduced}
 
 
@@ -1093,16 +1112,20 @@ def start_epoch(run: Run) -> list:
 
 def reload_live_settings(run: Run) -> None:
     """load_settings_every_epoch: apply what changed in the config file, and record it in the run folder so
-    that --resume_run continues with the settings as they are now."""
+    that --resume_run continues with the settings as they are now. The main process reads the file; every
+    process applies what it read."""
+    from utils.processes import main_process_value
     from utils.run_folder import CONFIG_FILE, write_json
 
-    config, changes, warnings = run.live_settings.reload(run.plan.config)
-    for warning in warnings:
+    main = run.accelerator.is_main_process
+    config, changes, warnings = main_process_value(run.accelerator, run.live_settings.reload(run.plan.config)
+                                                   if main else None)
+    for warning in warnings if main else ():
         log.warning("%s", warning)
     if changes:
         log.info("epoch %d: settings changed in %s: %s", run.state.epoch + 1, run.plan.loaded.config_file,
                  "; ".join(changes))
-        run.plan.config = config
+        run.plan.config = run.samples.config = config
         if run.run_dir:
             write_json(os.path.join(run.run_dir, CONFIG_FILE), to_json_dict(config))
 
@@ -1125,14 +1148,20 @@ def plugin_view(trainee: Trainee, optimizer):
 
 def validate_if_due(run: Run) -> bool:
     """Measure and log the validation losses when the validation schedule says so; keep the best
-    checkpoint (save_best_val). True when early stopping ends the run."""
+    checkpoint (save_best_val). True when early stopping ends the run.
+
+    Every process measures (their DistributedDataParallel modules run forward together) and all of them
+    go by the main process's values, so that they stop and save together.
+    """
+    from utils.checkpoint import NotEnoughDiskSpace
+    from utils.processes import main_process_value
     from utils.run_checkpoints import save_checkpoint
     from utils.watch import validation_verdict
 
     state, config = run.state, run.plan.config
     if run.validation is None or not run.validation.due(state.global_step):
         return False
-    values = run.validation.measure(run.trainee, config, run.accelerator)
+    values = main_process_value(run.accelerator, run.validation.measure(run.trainee, config, run.accelerator))
     run.tracker.scalars(values, state.global_step)
     log.info("validation at step %d: %s", state.global_step,
              ", ".join(f"{tag} {value:.4f}" for tag, value in values.items()))
@@ -1145,7 +1174,10 @@ def validate_if_due(run: Run) -> bool:
     if improved:
         state.best_validation_loss = values[watched]
         if config.save_best_val and state.global_step:
-            save_checkpoint(run, "best")
+            try:
+                save_checkpoint(run, "best")
+            except NotEnoughDiskSpace as error:
+                log.error("%s Training goes on; the next improvement tries again.", error)
     if stop:
         log.warning("early stopping at step %d: %s has not improved on its best (%.4f) for %d validations in a "
                     "row (early_stopping_patience)", state.global_step, watched, state.best_validation_loss,

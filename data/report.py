@@ -76,7 +76,7 @@ def _caption_lines(long_captions: list[tuple[str, int]] | None, token_limit: int
 
 def _epoch_lines(items, options: PlanOptions, first_epoch: list[list[Sample]], batches_per_epoch: list[int]) -> list[str]:
     samples = sum(len(batch) for batch in first_epoch)
-    steps = [math.ceil(count / options.batches_per_step) for count in batches_per_epoch]
+    steps = [math.ceil(count / options.grad_accum) for count in batches_per_epoch]  # counts are per process
     lines = [f"  images per epoch after multipliers: {samples} (from {len(items)} images)"]
     if options.rated_dataset:
         lines.append(f"  rated_dataset: epochs after the first draw images by rating, from 100% down to "
@@ -85,7 +85,8 @@ def _epoch_lines(items, options: PlanOptions, first_epoch: list[list[Sample]], b
         lines.append(f"  batches per epoch: {min(batches_per_epoch)} to {max(batches_per_epoch)} (fractional "
                      "multipliers or rated_dataset change the epoch's images)")
     else:
-        lines.append(f"  batches (steps) per epoch: {batches_per_epoch[0]}")
+        lines.append(f"  batches (steps) per epoch: {batches_per_epoch[0]}"
+                     + (f" on each of {options.processes} processes" if options.processes > 1 else ""))
     lines.append(f"  optimizer steps: {sum(steps)} in {len(steps)} epoch(s) (grad_accum {options.grad_accum}); "
                  f"batches in all: {sum(batches_per_epoch)}")
     return lines

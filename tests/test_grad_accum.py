@@ -50,7 +50,7 @@ def loader_batch(values: dict) -> dict:
     return {"latent_params": None, "stand_in": False, "bucket": (64, 64), "captions": [], **values}
 
 
-def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch):
+def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch, accelerator=None):
     """One optimizer step over the samples in micro-batches of batch_size; the UNet's weights after it."""
     from accelerate import Accelerator
 
@@ -72,7 +72,8 @@ def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch):
     batches = [loader_batch({key: value[start:start + batch_size] for key, value in samples.items()})
                for start in range(0, len(samples["indices"]), batch_size)]
     for index, batch in enumerate(batches):
-        train.train_batch(trainee, batch, index, len(batches), optimizer, schedule, plan, state, Accelerator(cpu=True))
+        train.train_batch(trainee, batch, index, len(batches), optimizer, schedule, plan, state,
+                          accelerator or Accelerator(cpu=True))
     return [p.detach().clone() for p in model.unet.parameters()], state, schedule
 
 
@@ -169,6 +170,33 @@ def test_a_frozen_part_gets_no_gradient_no_graph_and_no_optimizer_state(samples,
         with torch.set_grad_enabled(True):
             hidden = model.family.encode(model.text_encoder, samples["input_ids"]).hidden_states
         assert not hidden.requires_grad
+
+
+class TwinProcesses:
+    """An accelerator as one of two processes would see it when the other trains exactly the same: DDP's
+    average of the gradients leaves them as they are, and a sum over processes doubles."""
+
+    num_processes = 2
+
+    def __init__(self):
+        from accelerate import Accelerator
+
+        self.one = Accelerator(cpu=True)
+
+    def __getattr__(self, name):
+        return getattr(self.one, name)
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return tensor * 2
+
+
+def test_two_processes_step_with_the_mean_gradient_over_all_their_batches(samples, monkeypatch):
+    alone, _, _ = train_one_update(samples, 2, 2, monkeypatch)
+    twins, state, _ = train_one_update(samples, 2, 2, monkeypatch, accelerator=TwinProcesses())
+    assert state.optimizer_step == 1
+    for ours, reference in zip(twins, alone):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
 
 
 def test_an_unreadable_batch_in_a_group_does_not_shrink_the_update(samples, monkeypatch):

@@ -3,6 +3,7 @@ main process writes."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from data.items import ImageItem, scan_dataset
+from tests.test_train_e2e import scalars
 from data.plan import PlanOptions, batches_per_epoch, plan_epoch, process_share
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,35 +46,38 @@ def test_one_process_trains_the_whole_plan():
 
 
 def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path):
-    """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo): one run folder, one set of checkpoints,
-    and every image loaded once per epoch across the two processes. With cache_latents the two encode the
+    """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo), the text encoder training: one run
+    folder, one set of checkpoints, every image loaded once per epoch across the two processes, and a NaN
+    loss on one process skipped without the other waiting for ever. With cache_latents the two encode the
     images between them, and a later one-process run of the same data reuses every entry."""
     log = tmp_path / "captions"
-    env = {**os.environ, "CAPTION_LOG_FILE": str(log)}
-    caching = ("--cache_latents", "--cache_text_embeddings", "--disable_textenc_training", "--latent_cache_dir",
-               str(tmp_path / "latents"))
-    settings = ("train.py", "--config", "train.json", "--cond_dropout", "0", "--log_step", "1", "--save_ckpt_dir",
-                "null", "--sample_prompts", "null", *caching)
+    env = {**os.environ, "CAPTION_LOG_FILE": str(log), "NAN_AT_STEP": "1"}
+    settings = ("--config", "train.json", "--cond_dropout", "0", "--log_step", "1", "--no_save_ckpt", "true",
+                "--sample_prompts", "null", "--cache_latents", "--latent_cache_dir", str(tmp_path / "latents"))
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", *settings, "--max_epochs", "2", "--logdir",
-         str(tmp_path / "logs"), "--plugins", "tests.recording_plugin.CaptionLog"],
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/nan_injection.py", *settings,
+         "--max_epochs", "2", "--logdir", str(tmp_path / "logs"), "--plugins", "tests.recording_plugin.CaptionLog"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "effective batch: 4 images per optimizer step (batch_size 2 x grad_accum 1 x 2 processes)" in output
     assert "12 image variants encoded, 0 reused" in output  # the demo's 12 images, no flips, shared out
+    assert "step 2: the loss is nan, so this batch is skipped" in output
 
     (run_dir,) = (tmp_path / "logs").iterdir()
     # 7 batches per epoch in runs of 2: each process trains 4 per epoch (one stand-in at the end), so 8 steps.
     assert [p.name for p in (run_dir / "ckpts").iterdir()] == ["last-demo-ep02-gs00008"]
+    losses = scalars(run_dir, "loss/log_step")
+    assert [step for step, _ in losses] == list(range(1, 9)) and all(math.isfinite(v) for _, v in losses)
     per_process = [Counter((log.parent / f"{log.name}.{rank}").read_text().splitlines()) for rank in (0, 1)]
     assert all(per_process)  # both processes loaded images
     demo = scan_dataset(str(REPO / "examples" / "images"), 256).items
     once = Counter(item.caption for item in demo)
     assert per_process[0] + per_process[1] == once + once  # the 12 demo images, once in each of the 2 epochs
 
-    again = subprocess.run([sys.executable, *settings, "--max_epochs", "1", "--logdir", str(tmp_path / "again")],
+    again = subprocess.run([sys.executable, "train.py", *settings, "--cache_text_embeddings",
+                            "--disable_textenc_training", "--max_epochs", "1", "--logdir", str(tmp_path / "again")],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 image variants encoded, 12 reused" in again.stdout + again.stderr

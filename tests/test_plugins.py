@@ -109,7 +109,7 @@ def test_plugins_live_settings_and_wandb_in_a_real_run(tmp_path):
            "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(config), "--max_epochs", "2", "--log_step", "2",
-         "--logdir", str(tmp_path / "logs"), "--save_ckpt_dir", "null", "--sample_prompts", "null",
+         "--logdir", str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null",
          "--plugins", "tests.recording_plugin.RecordingPlugin", "--load_settings_every_epoch", "--wandb"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

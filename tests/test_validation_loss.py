@@ -75,7 +75,7 @@ def test_two_identical_runs_log_the_same_validation_losses_at_the_scheduled_step
         curves.append({tag: [(e.step, e.value) for e in events.Scalars(tag)]
                        for tag in ("loss/val", "loss/stabilize-train")})
     batches = 6  # the 9 images left after holding out 3, at batch size 2 in their buckets
-    for tag, values in curves[0].items():
+    for values in curves[0].values():
         assert [step for step, _ in values] == [0, batches // 2, batches]  # before, mid-epoch, end
         assert len({value for _, value in values}) == 3  # the model changed between them
     assert curves[0] == curves[1]  # exactly: every image's noise, timestep and latent sample are fixed

@@ -7,7 +7,8 @@ what `vae.encode(pixels).latent_dist.sample(generator)` does with the same param
 
 An entry is keyed by the image's content (size and digest of the file's ends, data/fingerprint.py), its
 variant (bucket, crop, jitter, flip: data/plan.py) and a digest of the VAE's weights, so runs and processes
-can share a folder: an edited image, another crop or another base model never reuses latents. One
+can share a folder: another crop, another base model or an edited image (a re-saved file changes its size
+or its ends; an edit in place of a middle byte of an uncompressed file would go unseen) gets new entries. One
 safetensors file per entry, in subfolders named by the key's first two hex digits, each written under a
 temporary name and renamed, so a reader never sees half a file and two writers of one entry do no harm.
 """

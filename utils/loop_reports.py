@@ -50,6 +50,7 @@ class LossMeter:
         self.since_log: list = []
         self.epoch: list = []
         self.grad_norms: dict = {}  # part -> norm at the latest optimizer step (log_grad_norm)
+        self.counts: dict[str, int] = {}  # loss tag -> how many batch losses its latest value averages
         self.last_tick = self.log_started = self.epoch_started = time.monotonic()
 
     def start_epoch(self) -> None:
@@ -74,6 +75,7 @@ class LossMeter:
         """Mean loss, learning rates and throughput since the last log step, under EveryDream2's tag names;
         the count of batches skipped for a NaN or infinite loss once there are any."""
         now = time.monotonic()
+        self.counts["loss/log_step"] = len(self.since_log)
         values = {"loss/log_step": self._mean(self.since_log),
                   "performance/images per second": len(self.since_log) * self.batch_size / max(now - self.log_started,
                                                                                                 1e-9)}
@@ -81,7 +83,6 @@ class LossMeter:
         values.update({GRAD_NORM_TAGS[name]: norm.item() for name, norm in self.grad_norms.items()})
         if state.nonfinite_batches:
             values["loss/nonfinite batches skipped"] = state.nonfinite_batches
-        self.last_log_loss = values["loss/log_step"]
         self.since_log, self.log_started = [], now
         return values
 
@@ -92,6 +93,7 @@ class LossMeter:
         return f"loss {values['loss/log_step']:.4f}, lr {lr:.2e}, {values['performance/images per second']:.1f} img/s"
 
     def epoch_scalars(self) -> dict[str, float]:
+        self.counts["loss/epoch"] = len(self.epoch)
         return {"loss/epoch": self._mean(self.epoch),
                 "performance/minutes per epoch": (time.monotonic() - self.epoch_started) / 60}
 

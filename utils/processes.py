@@ -18,17 +18,27 @@ def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
     return tuple(bool(value > 0) for value in summed.tolist())
 
 
-def sum_over_processes(accelerator, value: float) -> float:
-    """The value summed over the processes (an int stays an int)."""
+def sum_over_processes(accelerator, *values: float) -> tuple[float, ...]:
+    """Each value summed over the processes, in one all-reduce (ints stay ints)."""
+    if accelerator.num_processes == 1:
+        return values
+    totals = accelerator.reduce(torch.tensor([float(v) for v in values], device=accelerator.device), "sum").tolist()
+    return tuple(round(total) if isinstance(value, int) else total for value, total in zip(values, totals))
+
+
+def main_process_value(accelerator, value):
+    """The main process's value of a picklable object, on every process."""
     if accelerator.num_processes == 1:
         return value
-    total = accelerator.reduce(torch.tensor([float(value)], device=accelerator.device), "sum").item()
-    return round(total) if isinstance(value, int) else total
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
-def zero_backward(modules: dict) -> None:
-    """A backward pass that adds nothing to any gradient, for a process with nothing to train at the end of
-    an accumulation group: DistributedDataParallel averages the gradients during the backward pass, and
-    every process must take part."""
-    params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
-    (sum(p.sum() for p in params) * 0.0).backward()
+def mean_over_processes(accelerator, mean: float, count: int) -> float:
+    """The mean of all processes' values from each one's mean of `count` values (NaN when count is 0)."""
+    if accelerator.num_processes == 1:
+        return mean
+    totals = accelerator.reduce(torch.tensor([mean * count if count else 0.0, float(count)],
+                                             device=accelerator.device), "sum").tolist()
+    return totals[0] / totals[1] if totals[1] else float("nan")

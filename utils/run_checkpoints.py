@@ -45,16 +45,22 @@ class NonFiniteWeights(Exception):
 
 def save_checkpoint(run, kind: str) -> str | None:
     """Save the run's model as `kind` (see the module doc); the checkpoint folder, or None on processes other
-    than the main one. Raises NonFiniteWeights and utils.checkpoint.NotEnoughDiskSpace before writing."""
+    than the main one. Raises NonFiniteWeights (on every process: the weights are the same on all) and
+    utils.checkpoint.NotEnoughDiskSpace (on the main process) before writing.
+
+    Every process calls it, except for an errored- save: an error may have struck one process alone, so
+    that save waits for no other.
+    """
     config, state, trainee = run.plan.config, run.state, run.trainee
-    run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:
-        return None
     modules = trainee.trained_modules()
     bad = first_nonfinite_weight(modules)
     if bad:
         raise NonFiniteWeights(f"{bad} is NaN or infinite at step {state.global_step}, so the model is not saved; "
                                "the earlier checkpoints are untouched. Lower lr and continue from the last one.")
+    if kind != "errored":
+        run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return None
     resumable = kind in RESUMABLE_KINDS
     with_optimizer = resumable or (kind == "final" and config.save_optimizer)
     single_file = kind in ("periodic", "final") and not config.no_save_ckpt
@@ -85,10 +91,15 @@ def save_checkpoint(run, kind: str) -> str | None:
 
 
 def resumable_save_at(run) -> bool:
-    """Whether this step's periodic save is in place (so an interrupted- one would repeat it)."""
+    """Whether this step's periodic save is in place (so an interrupted- one would repeat it); the main
+    process looks, and every process gets its answer."""
+    from utils.processes import any_process
+
     config, state = run.plan.config, run.state
     name = checkpoint_name(config.project_name, state.epoch, state.global_step, PREFIXES["periodic"])
-    return bool(run.run_dir) and os.path.isdir(os.path.join(run.run_dir, "ckpts", name))
+    (in_place,) = any_process(run.accelerator, bool(run.run_dir) and os.path.isdir(os.path.join(run.run_dir, "ckpts",
+                                                                                                  name)))
+    return in_place
 
 
 def write_training_state(run, with_optimizer: bool, resumable: bool, checkpoint_folder: str) -> None:
