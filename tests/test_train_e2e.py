@@ -5,7 +5,9 @@ Each run writes only under a temporary folder (logdir and save_ckpt_dir point th
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import math
 import os
@@ -31,17 +33,31 @@ LOG_STEP = 2
 NO_SAMPLES = ("--sample_prompts", "null")  # sampling takes longer than training the tiny model
 
 
-def run_train(*args: str, cwd: Path = REPO, samples: bool = False) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "train.py", *args, *(() if samples else NO_SAMPLES)], cwd=cwd,
-                            capture_output=True, text=True, timeout=900)
+def run_train(*args: str, cwd: Path = REPO, samples: bool = False, in_process: bool = False
+              ) -> subprocess.CompletedProcess:
+    """python train.py ARGS; in_process: train.main(ARGS) in this process, which saves the 5-7 s a new process
+    spends importing torch, diffusers and transformers (for tests that do not compare runs bit for bit:
+    MKL_DYNAMIC, set by train.main before torch loads, is not set here)."""
+    argv = [*args, *(() if samples else NO_SAMPLES)]
+    if in_process:
+        import train
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main(argv)
+        result = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    else:
+        result = subprocess.run([sys.executable, "train.py", *argv], cwd=cwd, capture_output=True, text=True,
+                                timeout=900)
     assert result.returncode == 0, f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
 
-def demo_run(out: Path, *extra: str, samples: bool = False) -> dict:
+def demo_run(out: Path, *extra: str, samples: bool = False, in_process: bool = False) -> dict:
     """The demo config for EPOCHS epochs; returns the paths of its outputs."""
     result = run_train("--config", "train.json", "--max_epochs", str(EPOCHS), "--log_step", str(LOG_STEP),
-                       "--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single"), *extra, samples=samples)
+                       "--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single"), *extra, samples=samples,
+                       in_process=in_process)
     (run_dir,) = glob.glob(str(out / "logs" / "*"))
     return {"run_dir": Path(run_dir), "single": out / "single", "output": result.stdout + result.stderr}
 
@@ -187,7 +203,7 @@ def test_warm_start_from_a_checkpoint_folder_with_a_frozen_text_encoder(runs, tm
     """A diffusers folder loads as resume_ckpt; a frozen text encoder is saved untouched; grad_accum groups."""
     start = final_checkpoint(runs[0]["run_dir"])
     run = demo_run(tmp_path, "--resume_ckpt", str(start), "--disable_textenc_training", "--grad_accum", "2",
-                   "--max_epochs", "1", "--project_name", "warm")
+                   "--max_epochs", "1", "--project_name", "warm", in_process=True)
     assert "training: UNet\n" in run["output"]
     assert f"model: {start}" in run["output"]
     folder = final_checkpoint(run["run_dir"])
@@ -207,7 +223,7 @@ def test_findlast_continues_from_the_newest_checkpoint(runs, tmp_path):
     logdir = runs[1]["run_dir"].parent
     result = run_train("--config", "train.json", "--resume_ckpt", "findlast", "--logdir", str(logdir),
                        "--max_epochs", "1", "--save_ckpt_dir", str(tmp_path), "--no_save_ckpt",
-                       "--project_name", "chained")
+                       "--project_name", "chained", in_process=True)
     newest = final_checkpoint(runs[1]["run_dir"])
     output = result.stdout + result.stderr
     assert f"resume_ckpt = {newest} (findlast" in output and f"model: {newest}:" in output
@@ -231,7 +247,7 @@ def test_training_options_run_together(tmp_path):
                    "--lr_warmup_steps", "2", "--flip_p", "0.5", "--optimizer", "adamw8bit",
                    "--seed", "-1", "--save_full_precision", "--log_step", "1", "--pyramid_noise_discount", "0.1",
                    "--min_snr_gamma", "5", "--loss_type", "mse_huber", "--embedding_perturbation", "0.1",
-                   "--enable_zero_terminal_snr", "--optimizer_config", str(optimizer_file(tmp_path)))
+                   "--enable_zero_terminal_snr", "--optimizer_config", str(optimizer_file(tmp_path)), in_process=True)
     assert "no effect" not in run["output"]
     assert "text encoder frozen parts: layers 1-10 of 12, embeddings" in run["output"]
     for tag in ("optimizer/unet_grad_norm", "optimizer/te_grad_norm"):  # logged, and clipping saw real norms
@@ -260,7 +276,7 @@ def test_an_image_that_breaks_after_the_scan_is_skipped_and_reported(tmp_path):
     shutil.copytree(REPO / "examples" / "images", images)
     whole = (images / "sunset.jpg").read_bytes()
     (images / "broken sunset.jpg").write_bytes(whole[: len(whole) // 3])  # a truncated JPEG: the header is intact
-    run = demo_run(tmp_path, "--data_root", str(images), "--max_epochs", "1", "--no_save_ckpt")
+    run = demo_run(tmp_path, "--data_root", str(images), "--max_epochs", "1", "--no_save_ckpt", in_process=True)
     assert "skipped" in run["output"] and "broken sunset.jpg" in run["output"]
     assert "1 image(s) skipped" in run["output"]
     listed = (run["run_dir"] / "skipped_images.txt").read_text()
@@ -275,7 +291,7 @@ def test_an_sd2_v_prediction_model_trains_and_exports_end_to_end(tmp_path):
 
     base = tmp_path / "sd2-base"
     save_sd2_like_folder(build_tiny_components(), str(base))
-    run = demo_run(tmp_path, "--resume_ckpt", str(base), "--max_epochs", "1", "--clip_skip", "2")
+    run = demo_run(tmp_path, "--resume_ckpt", str(base), "--max_epochs", "1", "--clip_skip", "2", in_process=True)
     assert "SD 2.x, v_prediction prediction" in run["output"]
     folder = final_checkpoint(run["run_dir"])
     assert json.loads((folder / "checkpoint.json").read_text())["family"] == "sd2"
@@ -319,7 +335,8 @@ def test_mixed_precision_trains_and_saves_frozen_weights_exactly(tmp_path):
 
 
 def test_dry_run_reports_the_data_and_writes_the_schedule_without_loading_a_model(tmp_path):
-    result = run_train("--config", "train.json", "--dry_run", "--write_schedule", "--logdir", str(tmp_path / "logs"))
+    result = run_train("--config", "train.json", "--dry_run", "--write_schedule", "--logdir", str(tmp_path / "logs"),
+                       in_process=True)
     output = result.stdout + result.stderr
     assert "Dataset report: examples/images" in output and "images found: 12, used: 12, skipped: 0" in output
     assert "dry run: the config and the data are usable" in output
@@ -353,7 +370,7 @@ def test_everydream2_data_conventions_train_end_to_end(tmp_path):
     config.update(data_root=[str(images), str(manifest_dir / "list.json")], cond_dropout=0.0, max_epochs=2,
                   write_schedule=True, no_save_ckpt=True, logdir=str(tmp_path / "logs"), log_step=1)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    result = run_train("--config", str(tmp_path / "config.json"))
+    result = run_train("--config", str(tmp_path / "config.json"), in_process=True)
     (run_dir,) = (tmp_path / "logs").iterdir()
     report = (run_dir / "dataset_report.txt").read_text()
     assert "images found: 14, used: 14" in report and "images per epoch after multipliers: 16" in report
@@ -379,7 +396,7 @@ def test_ema_and_optimizer_state_are_saved_in_the_checkpoint_and_resumed_by_the_
     from diffusers import UNet2DConditionModel
 
     first = demo_run(tmp_path / "one", "--max_epochs", "1", "--ema_decay_rate", "0.5", "--ema_update_interval", "2",
-                     "--save_optimizer")
+                     "--save_optimizer", in_process=True)
     checkpoint = final_checkpoint(first["run_dir"])
     assert (checkpoint / "ema" / "unet").is_dir() and (checkpoint / "ema" / "text_encoder").is_dir()
     assert (checkpoint / "optimizer.pt").is_file()
@@ -394,7 +411,7 @@ def test_ema_and_optimizer_state_are_saved_in_the_checkpoint_and_resumed_by_the_
     assert torch.equal(ema_file[key], averaged["conv_out.weight"].half())
     second = run_train("--config", "train.json", "--max_epochs", "1", "--logdir", str(tmp_path / "one" / "logs"),
                        "--resume_ckpt", "findlast", "--ema_decay_rate", "0.5", "--ema_resume_model", "findlast",
-                       "--no_save_ckpt")
+                       "--no_save_ckpt", in_process=True)
     output = second.stdout + second.stderr
     assert f"ema_resume_model = {checkpoint}" in output
     assert f"starting from {checkpoint} (unet: " in output and "text encoder: " in output

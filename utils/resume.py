@@ -42,6 +42,11 @@ CHANGEABLE_ON_RESUME = frozenset((
     "save_full_precision", "no_save_ckpt", "no_prepend_last", "save_optimizer",
     "sample_prompts", "sample_steps", "ema_sample_nonema_model", "ema_sample_ema_model",
     "load_settings_every_epoch", "resume_run", "force_resume",
+    # The same values, from a cache or computed (latent_cache_dir only says where the cache is):
+    "latent_cache_dir", "cache_text_embeddings",
+    # Plugins that only watch or log may come and go; one that transforms captions changes what is trained
+    # (doc/PLUGINS.md says so):
+    "plugins",
 ))
 
 

@@ -53,6 +53,7 @@ def setup_logging(run_dir: str | None, main_process: bool = True) -> None:
     root.setLevel(logging.INFO if main_process else logging.WARNING)
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()  # an earlier run's train.log, when runs follow each other in one process
     console = _TqdmHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
