@@ -998,7 +998,7 @@ def train_epochs(run: Run, stop) -> bool:
     import functools
 
     from data.dataset import EpochBatches, make_loader
-    from utils.loop_reports import LossMeter, Progress, device_scalars, warn_of_a_spike
+    from utils.loop_reports import LossMeter, Progress
     from utils.plugins import DataTransforms
     from utils.run_folder import SkipReport
     from utils.watch import SpikeWatch
@@ -1031,14 +1031,7 @@ def train_epochs(run: Run, stop) -> bool:
                 meter.grad_norms.update(grad_norms)
                 state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
                 state.elapsed_seconds += meter.add(loss)
-                postfix = None
-                if state.global_step % plan.config.log_step == 0:
-                    values = over_processes(meter.log_step_scalars(run.optimizer, state), meter.counts, run.accelerator)
-                    tracker.scalars({**values, **device_scalars(run.accelerator)}, state.global_step)
-                    if run.accelerator.is_main_process:
-                        warn_of_a_spike(spikes, values["loss/log_step"], state.global_step)
-                    postfix = meter.postfix(values)
-                progress.step(postfix)
+                progress.step(log_step(run, meter, spikes) if state.global_step % plan.config.log_step == 0 else None)
                 run.plugins.run("on_step_end", **hook_arguments(run, local_step=index, batch=batch, loss=(
                     None if loss is None or not run.plugins else loss.item())))
                 if run.samples.due(state.global_step):
@@ -1071,6 +1064,18 @@ def train_epochs(run: Run, stop) -> bool:
         progress.close()
         if skipped.seen:
             log.info("%s", skipped.summary().lstrip("; "))
+
+
+def log_step(run: Run, meter, spikes) -> str:
+    """The log-step scalars to TensorBoard (over every process), the spike warning; the progress bar's text."""
+    from utils.loop_reports import device_scalars, warn_of_a_spike
+
+    state = run.state
+    values = over_processes(meter.log_step_scalars(run.optimizer, state), meter.counts, run.accelerator)
+    run.tracker.scalars({**values, **device_scalars(run.accelerator)}, state.global_step)
+    if run.accelerator.is_main_process:
+        warn_of_a_spike(spikes, values["loss/log_step"], state.global_step)
+    return meter.postfix(values)
 
 
 def decide_together(run: Run, stop, end_of_epoch: bool) -> tuple[bool, bool]:
