@@ -354,14 +354,14 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
                                                       "derived": plan.derived, "notes": plan.loaded.notes}]
         if plan.config.force_resume:
             write_json(os.path.join(run_dir, CONFIG_FILE), to_json_dict(plan.config))
-            write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.items))
+            write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.scan.items))
             info.update(optimizer=optimizer_summary(plan.optimizer_settings), processes=plan.data_options.processes)
         write_json(os.path.join(run_dir, INFO_FILE), info)
         return run_dir
     run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
     setup_logging(run_dir)
     write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan, started=True))
-    write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.items))
+    write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.scan.items))
     return run_dir
 
 

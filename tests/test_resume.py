@@ -190,6 +190,16 @@ def test_another_number_of_processes_is_refused_unless_forced(tmp_path, images, 
     assert plan.data_options.processes == 2
 
 
+def test_a_run_with_held_out_validation_images_resumes(tmp_path, images):
+    """The data record covers every scanned image, the held-out ones too, as the resume check reads it."""
+    validation = tmp_path / "validation.json"
+    validation.write_text(json.dumps({"auto_split_proportion": 0.25}))
+    config = write_config(tmp_path, data_root=str(images), validation_config=str(validation))
+    run_dir = fake_run(tmp_path, config)
+    plan = train.plan_run(["--config", str(config), "--resume_run", str(run_dir)])
+    assert plan.resume.run_dir == str(run_dir) and plan.validation.held_out
+
+
 def test_a_changed_dataset_is_reported_with_counts(tmp_path, images):
     fake_run(tmp_path, write_config(tmp_path, data_root=str(images)))
     names = sorted(p.name for p in images.iterdir() if p.suffix == ".png")
