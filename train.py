@@ -537,16 +537,16 @@ def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
 def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: int, accelerator):
     """The loss of one batch: encode images and captions, add noise, predict it back."""
     import torch
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from utils import diffusion
+    from utils.latent_cache import cached_posterior
 
     model, device = trainee.model, accelerator.device
     generator = diffusion.step_generator(config.seed, global_step, device, accelerator.process_index)
     with accelerator.autocast():
         with torch.no_grad():
             if batch["latent_params"] is not None:  # cache_latents: the VAE's posterior, computed once
-                posterior = DiagonalGaussianDistribution(batch["latent_params"].to(device, non_blocking=True))
+                posterior = cached_posterior(batch["latent_params"].to(device, non_blocking=True))
             else:
                 posterior = model.vae.encode(batch["pixels"].to(device, non_blocking=True)).latent_dist
             latents = posterior.sample(generator).float() * model.vae.config.scaling_factor

@@ -18,7 +18,7 @@ from data.image_io import read_image_size
 from data.items import ImageItem
 from data.plan import PlanOptions, image_variants, plan_epoch, plan_sample
 from utils.latent_cache import (LatentCache, MissingLatents, TextEmbeddingCache, fill_latent_cache,
-                                sample_latents, weights_digest)
+                                cached_posterior, weights_digest)
 from utils.model_family import SD1
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "images")
@@ -142,7 +142,7 @@ def test_cached_parameters_sample_the_latents_the_vae_gives(filled, vae):
         with torch.no_grad():
             expected = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(3))
         assert params.dtype == torch.float32
-        assert torch.equal(sample_latents(params, torch.Generator().manual_seed(3)), expected)
+        assert torch.equal(cached_posterior(params).sample(torch.Generator().manual_seed(3)), expected)
 
 
 def test_cached_parameters_match_a_different_batching_closely(filled, vae):

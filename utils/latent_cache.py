@@ -163,9 +163,10 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def sample_latents(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latents drawn from cached posterior parameters: what vae.encode(pixels).latent_dist.sample(generator) gives."""
-    return DiagonalGaussianDistribution(params).sample(generator)
+def cached_posterior(params: torch.Tensor) -> DiagonalGaussianDistribution:
+    """The VAE posterior from cached parameters: what vae.encode(pixels).latent_dist is, so that its
+    .sample(generator) draws the same latents."""
+    return DiagonalGaussianDistribution(params)
 
 
 # =================================================================================================
