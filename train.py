@@ -757,14 +757,19 @@ def periodic_save_due(plan: RunPlan, state, end_of_epoch: bool) -> bool:
 
 def save_periodic(run) -> None:
     """A periodic save; a full disk is reported and training goes on (the next one tries again)."""
+    run.state.mark_saved()
+    save_unless_the_disk_is_full(run, "periodic", "the next periodic save tries again")
+
+
+def save_unless_the_disk_is_full(run, kind: str, next_try: str) -> None:
+    """A save that training can go on without: a full disk is reported, saying when it is tried again."""
     from utils.checkpoint import NotEnoughDiskSpace
     from utils.run_checkpoints import save_checkpoint
 
-    run.state.mark_saved()
     try:
-        save_checkpoint(run, "periodic")
+        save_checkpoint(run, kind)
     except NotEnoughDiskSpace as error:
-        log.error("%s Training goes on; the next periodic save tries again.", error)
+        log.error("%s Training goes on; %s.", error, next_try)
 
 
 # =================================================================================================
@@ -1158,9 +1163,7 @@ def validate_if_due(run: Run) -> bool:
     Every process measures (their DistributedDataParallel modules run forward together) and all of them
     go by the main process's values, so that they stop and save together.
     """
-    from utils.checkpoint import NotEnoughDiskSpace
     from utils.processes import main_process_value
-    from utils.run_checkpoints import save_checkpoint
     from utils.watch import validation_verdict
 
     state, config = run.state, run.plan.config
@@ -1179,10 +1182,7 @@ def validate_if_due(run: Run) -> bool:
     if improved:
         state.best_validation_loss = values[watched]
         if config.save_best_val and state.global_step:
-            try:
-                save_checkpoint(run, "best")
-            except NotEnoughDiskSpace as error:
-                log.error("%s Training goes on; the next improvement tries again.", error)
+            save_unless_the_disk_is_full(run, "best", "the next improvement tries again")
     if stop:
         log.warning("early stopping at step %d: %s has not improved on its best (%.4f) for %d validations in a "
                     "row (early_stopping_patience)", state.global_step, watched, state.best_validation_loss,

@@ -12,10 +12,7 @@ import torch
 
 def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
     """Each flag, true when it is true on any process (one small all-reduce for all of them)."""
-    if accelerator.num_processes == 1:
-        return tuple(bool(flag) for flag in flags)
-    summed = accelerator.reduce(torch.tensor([float(bool(flag)) for flag in flags], device=accelerator.device), "sum")
-    return tuple(bool(value > 0) for value in summed.tolist())
+    return tuple(count > 0 for count in sum_over_processes(accelerator, *(int(bool(flag)) for flag in flags)))
 
 
 def sum_over_processes(accelerator, *values: float) -> tuple[float, ...]:
@@ -39,6 +36,5 @@ def mean_over_processes(accelerator, mean: float, count: int) -> float:
     """The mean of all processes' values from each one's mean of `count` values (NaN when count is 0)."""
     if accelerator.num_processes == 1:
         return mean
-    totals = accelerator.reduce(torch.tensor([mean * count if count else 0.0, float(count)],
-                                             device=accelerator.device), "sum").tolist()
-    return totals[0] / totals[1] if totals[1] else float("nan")
+    total, count = sum_over_processes(accelerator, mean * count if count else 0.0, count)
+    return total / count if count else float("nan")
