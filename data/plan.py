@@ -91,10 +91,8 @@ def plan_sample(items: list[ImageItem], index: int, copy: int, epoch: int, optio
     """Decide crop, jitter, flip, caption dropout and tag order for one copy of one image in one epoch."""
     item = items[index]
     rng = sample_rng(options.seed, epoch, index, copy)
-    # Centre-biased crop offsets (triangular, as EveryDream2): most crops keep the middle of the image.
-    crop_x, crop_y = rng.triangular(0.0, 1.0, 0.5), rng.triangular(0.0, 1.0, 0.5)
-    jitter = (rng.random(), rng.random(), rng.random(), rng.random())
-    if options.fixed_crops:  # the six draws above are still made, so flips and dropouts match a run without
+    crop_x, crop_y, jitter = draw_crop(rng)
+    if options.fixed_crops:  # the crop draws above are still made, so flips and dropouts match a run without
         crop_x, crop_y, jitter = fixed_crop(options.seed, index)
     flip = rng.random() < flip_probability(item, options)
     dropped = rng.random() < (options.cond_dropout if item.cond_dropout is None else item.cond_dropout)
@@ -104,11 +102,16 @@ def plan_sample(items: list[ImageItem], index: int, copy: int, epoch: int, optio
     return Sample(index, copy, item.bucket, crop_x, crop_y, jitter, flip, caption, item.loss_scale)
 
 
-def fixed_crop(seed: int, index: int) -> tuple[float, float, tuple[float, float, float, float]]:
-    """crop_x, crop_y and jitter of an image for the whole run (fixed_crops), drawn as plan_sample draws them."""
-    rng = random.Random(f"crop/{seed}/{index}")
+def draw_crop(rng: random.Random) -> tuple[float, float, tuple[float, float, float, float]]:
+    """crop_x, crop_y and the four jitter fractions. The offsets are centre-biased (triangular, as
+    EveryDream2): most crops keep the middle of the image."""
     crop_x, crop_y = rng.triangular(0.0, 1.0, 0.5), rng.triangular(0.0, 1.0, 0.5)
     return crop_x, crop_y, (rng.random(), rng.random(), rng.random(), rng.random())
+
+
+def fixed_crop(seed: int, index: int) -> tuple[float, float, tuple[float, float, float, float]]:
+    """crop_x, crop_y and jitter of an image for the whole run (fixed_crops)."""
+    return draw_crop(random.Random(f"crop/{seed}/{index}"))
 
 
 def flip_probability(item: ImageItem, options: PlanOptions) -> float:
