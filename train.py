@@ -220,16 +220,15 @@ def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: l
 
     try:
         settings, notes = read_validation_config(config.validation_config)
-        loaded.notes.extend(notes)
-        if not settings.validate_training:
-            loaded.notes.append(f"{config.validation_config}: validate_training is false, so nothing is validated")
-            return None
+        loaded.notes.extend(notes)  # validate_training: false holds nothing out; the other sets still count
         validation = build_validation_plan(settings, scan.items, resolution=config.resolution,
                                            batch_size=config.batch_size, data_root=config.data_root)
     except ConfigError as error:
         problems.extend(error.problems)
         return None
     loaded.notes.extend(validation.notes)
+    if not validation.sets:
+        return None  # nothing to validate (noted)
     for key in ("early_stopping_patience", "save_best_val"):
         if getattr(config, key) and not validation.held_out:
             problems.append(ConfigProblem(key, loaded.origins[key], f"needs a held-out validation set, and "
@@ -554,7 +553,6 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
                                        config.pyramid_noise_discount or 0.0)
         timesteps = diffusion.sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator,
                                                device)
-        noisy_latents = diffusion.add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
         if trainee.text_embeddings is not None:  # cache_text_embeddings: a frozen text encoder, each caption once
             hidden_states, unet_kwargs = trainee.text_embeddings(batch["input_ids"], config.clip_skip), {}
         else:
@@ -564,14 +562,9 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
             hidden_states, unet_kwargs = conditioning.hidden_states, conditioning.unet_kwargs
         if config.embedding_perturbation:
             hidden_states = diffusion.perturb_embeddings(hidden_states, config.embedding_perturbation, generator)
-        prediction = trainee.unet(noisy_latents, timesteps, hidden_states, **unet_kwargs).sample
-    target = diffusion.training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
-    per_sample = diffusion.per_sample_loss(prediction, target, config.loss_type,
-                                           timesteps / len(trainee.alphas_cumprod))
-    snr_weights = None
-    if config.min_snr_gamma:
-        snr_weights = diffusion.min_snr_weights(diffusion.snr(trainee.alphas_cumprod, timesteps),
-                                                config.min_snr_gamma, model.prediction_type)
+        per_sample, snr_weights = diffusion.denoising_losses(
+            lambda noisy, t: trainee.unet(noisy, t, hidden_states, **unet_kwargs).sample, latents, noise, timesteps,
+            trainee.alphas_cumprod, model.prediction_type, config.loss_type, config.min_snr_gamma)
     return diffusion.weighted_mean(per_sample, batch["loss_scale"], snr_weights)
 
 
@@ -1160,8 +1153,8 @@ def validate_if_due(run: Run) -> bool:
     """Measure and log the validation losses when the validation schedule says so; keep the best
     checkpoint (save_best_val). True when early stopping ends the run.
 
-    Every process measures (their DistributedDataParallel modules run forward together) and all of them
-    go by the main process's values, so that they stop and save together.
+    The processes share the measuring out and add up their sums; all of them then go by the main process's
+    values (bit for bit), so that they stop and save together.
     """
     from utils.processes import main_process_value
     from utils.watch import validation_verdict

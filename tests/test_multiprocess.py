@@ -3,6 +3,7 @@ main process writes."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -10,9 +11,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from data.items import ImageItem, scan_dataset
-from tests.test_train_e2e import scalars
 from data.plan import PlanOptions, batches_per_epoch, plan_epoch, process_share
+from tests.test_train_e2e import scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,11 +52,16 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo), the text encoder training: one run
     folder, one set of checkpoints, every image loaded once per epoch across the two processes, and a NaN
     loss on one process skipped without the other waiting for ever. With cache_latents the two encode the
-    images between them, and a later one-process run of the same data reuses every entry."""
+    images between them, and a later one-process run of the same data reuses every entry. The two measure
+    the validation loss between them, and the untrained model's value is the one-process run's."""
     log = tmp_path / "captions"
+    validation = tmp_path / "validation.json"  # every training image in the stabilize set, none held out
+    validation.write_text(json.dumps({"validate_training": False, "stabilize_training_loss": True,
+                                      "stabilize_split_proportion": 1.0}))
     env = {**os.environ, "CAPTION_LOG_FILE": str(log), "NAN_AT_STEP": "1"}
     settings = ("--config", "train.json", "--cond_dropout", "0", "--log_step", "1", "--no_save_ckpt", "true",
-                "--sample_prompts", "null", "--cache_latents", "--latent_cache_dir", str(tmp_path / "latents"))
+                "--sample_prompts", "null", "--cache_latents", "--latent_cache_dir", str(tmp_path / "latents"),
+                "--validation_config", str(validation))
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/nan_injection.py", *settings,
@@ -81,3 +89,7 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 image variants encoded, 12 reused" in again.stdout + again.stderr
+    (one_process_run,) = (tmp_path / "again").iterdir()
+    two, one = scalars(run_dir, "loss/stabilize-train"), scalars(one_process_run, "loss/stabilize-train")
+    assert [step for step, _ in two] == [0, 4, 8] and [step for step, _ in one] == [0, 7]
+    assert two[0][1] == pytest.approx(one[0][1], rel=1e-6)

@@ -60,6 +60,39 @@ def test_the_loss_type_and_min_snr_apply_as_in_training(measured):
     assert huber["loss/val"] != mse["loss/val"] and snr["loss/val"] != mse["loss/val"]
 
 
+class OneOfTwoProcesses:
+    """An accelerator as process `index` of two would see it, whose all-reduce keeps (and records) the
+    process's own sums, so what each process measured can be compared."""
+
+    num_processes = 2
+
+    def __init__(self, index: int):
+        self.one, self.process_index, self.sums = Accelerator(cpu=True), index, None
+
+    def __getattr__(self, name):
+        return getattr(self.one, name)
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        self.sums = tensor.tolist()
+        return tensor
+
+
+def test_two_processes_each_measure_half_of_each_set_and_their_sums_make_the_whole(measured):
+    trainee, validation = measured
+    config, alone = TrainConfig(resume_ckpt="builtin:tiny"), OneOfTwoProcesses(0)
+    alone.num_processes = 1  # one process: measures everything, and no all-reduce
+    whole = [validation.set_sums(name, trainee, config, alone) for name in validation.plan.sets]
+    processes = [OneOfTwoProcesses(index) for index in (0, 1)]
+    for process in processes:
+        validation.measure(trainee, config, process)
+    for i, (total, count) in enumerate(whole):
+        shares = [process.sums[2 * i: 2 * i + 2] for process in processes]
+        assert all(0 < share_count < count for _, share_count in shares)  # both measured part of the set
+        assert sum(share_count for _, share_count in shares) == count  # and each image exactly once
+        assert sum(share_total for share_total, _ in shares) == pytest.approx(total, rel=1e-6)
+
+
 def test_two_identical_runs_log_the_same_validation_losses_at_the_scheduled_steps(tmp_path):
     config = tmp_path / "validation.json"
     config.write_text(json.dumps({"auto_split_proportion": 0.25, "stabilize_training_loss": True,

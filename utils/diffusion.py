@@ -168,6 +168,22 @@ def weighted_mean(per_sample: torch.Tensor, *weights: torch.Tensor | None) -> to
     return per_sample.mean()
 
 
+def denoising_losses(predict, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     alphas_cumprod: torch.Tensor, prediction_type: str, loss_type: str = "mse",
+                     min_snr_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sample's loss at predicting the target back from the noised latents, and its min-SNR weight
+    (None without min_snr_gamma): the training objective, shared by training and the validation loss.
+
+    `predict(noisy_latents, timesteps)` is the model's prediction (the UNet with its text conditioning).
+    """
+    prediction = predict(add_noise(latents, noise, timesteps, alphas_cumprod), timesteps)
+    target = training_target(prediction_type, latents, noise, timesteps, alphas_cumprod)
+    losses = per_sample_loss(prediction, target, loss_type, timesteps / len(alphas_cumprod))
+    if not min_snr_gamma:
+        return losses, None
+    return losses, min_snr_weights(snr(alphas_cumprod, timesteps), min_snr_gamma, prediction_type)
+
+
 def perturb_embeddings(hidden_states: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Text embeddings plus Gaussian noise of standard deviation strength / sqrt(dim), in training only
     ("embedding perturbation", arXiv 2405.20494, as EveryDream2's embedding_perturbation)."""

@@ -19,7 +19,9 @@ def sum_over_processes(accelerator, *values: float) -> tuple[float, ...]:
     """Each value summed over the processes, in one all-reduce (ints stay ints)."""
     if accelerator.num_processes == 1:
         return values
-    totals = accelerator.reduce(torch.tensor([float(v) for v in values], device=accelerator.device), "sum").tolist()
+    # float64: validation sums of thousands of losses, and counts, stay exact enough.
+    values_tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(values_tensor, "sum").tolist()
     return tuple(round(total) if isinstance(value, int) else total for value, total in zip(values, totals))
 
 

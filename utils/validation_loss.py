@@ -2,8 +2,9 @@
 (loss type, min-SNR, offset and pyramid noise as configured), with every image's latent sample, timestep
 and noise drawn from its own fixed seed, so two values of a curve differ only because the model changed.
 
-Images are loaded in the training process (validation sets are small); nothing here touches a global
-random generator, a gradient or a module's mode for good.
+Images are loaded in the training process (validation sets are small); with several processes each loads
+and measures its share of the batches. Nothing here touches a global random generator, a gradient or a
+module's mode for good.
 """
 
 from __future__ import annotations
@@ -38,10 +39,17 @@ class Validation:
         held_out = self.plan.held_out
         return self.plan.combined_tag or (self.plan.tags[held_out[0]] if held_out else None)
 
-    @torch.no_grad()
     def measure(self, trainee, config, accelerator) -> dict[str, float]:
-        """{tag: loss} for every set (and the held-out sets' mean when there are several)."""
-        losses = {name: self.set_loss(name, trainee, config, accelerator) for name in self.plan.sets}
+        """{tag: loss} for every set (and the held-out sets' mean when there are several).
+
+        With several processes each measures every n-th batch of each set and the sums are added up, so the
+        values are those one process would measure, in 1/n of the time.
+        """
+        from utils.processes import sum_over_processes
+
+        sums = [self.set_sums(name, trainee, config, accelerator) for name in self.plan.sets]
+        totals = sum_over_processes(accelerator, *(value for pair in sums for value in pair))
+        losses = {name: totals[2 * i] / max(1, totals[2 * i + 1]) for i, name in enumerate(self.plan.sets)}
         values = {self.plan.tags[name]: loss for name, loss in losses.items()}
         if self.plan.combined_tag:
             values[self.plan.combined_tag] = sum(losses[name] for name in self.plan.held_out) / len(self.plan.held_out)
@@ -49,27 +57,33 @@ class Validation:
             values = {tag: value - self.first.setdefault(tag, value) for tag, value in values.items()}
         return values
 
-    def set_loss(self, name: str, trainee, config, accelerator) -> float:
-        """The mean loss over the set's images (each image counts once, whatever its batch)."""
+    @torch.no_grad()
+    def set_sums(self, name: str, trainee, config, accelerator) -> tuple[float, int]:
+        """(sum of the losses, images measured) over this process's share of the set's batches (each image
+        counts once, whatever its batch)."""
         images = PlannedImages(self.plan.sets[name])
         seeds = self.plan.seeds[name]
+        share = self.plan.batches(name)[accelerator.process_index::accelerator.num_processes]
         total, count = 0.0, 0
-        with eval_mode(trainee.unet, trainee.text_encoder):
-            for samples in self.plan.batches(name):
+        with eval_mode(trainee.model.unet, trainee.model.text_encoder):
+            for samples in share:
                 batch = self.collate([images[sample] for sample in samples])
                 if batch["pixels"] is None:
                     continue  # none of its images could be read (reported by the training loader when it trains)
                 per_image = image_losses(trainee, batch, [seeds[i] for i in batch["indices"]], config, accelerator)
                 total, count = total + float(per_image.sum()), count + len(per_image)
-        return total / max(1, count)
+        return total, count
 
 
 def image_losses(trainee, batch: dict, seeds: list[int], config, accelerator) -> torch.Tensor:
-    """The training loss of each image, with its latent sample, timestep and noise drawn from its own seed."""
+    """The training loss of each image, with its latent sample, timestep and noise drawn from its own seed.
+
+    It calls the plain modules: a process measures alone, so DistributedDataParallel's wrapper (whose
+    forward expects every process to join in) must not take part.
+    """
     model, device = trainee.model, accelerator.device
     with accelerator.autocast():
-        pixels = batch["pixels"].to(device)
-        distribution = model.vae.encode(pixels).latent_dist
+        distribution = model.vae.encode(batch["pixels"].to(device)).latent_dist
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         latents = torch.cat([distribution.mean[i:i + 1] + distribution.std[i:i + 1] * torch.randn(
             distribution.mean[i:i + 1].shape, generator=g, device=device) for i, g in enumerate(generators)])
@@ -79,13 +93,9 @@ def image_losses(trainee, batch: dict, seeds: list[int], config, accelerator) ->
         noise = torch.cat([diffusion.sample_noise(latents[i:i + 1], g, config.zero_frequency_noise_ratio,
                                                   config.pyramid_noise_discount or 0.0)
                            for i, g in enumerate(generators)])
-        noisy = diffusion.add_noise(latents, noise, timesteps, trainee.alphas_cumprod)
-        conditioning = model.family.encode(trainee.text_encoder, batch["input_ids"].to(device), config.clip_skip)
-        prediction = trainee.unet(noisy, timesteps, conditioning.hidden_states, **conditioning.unet_kwargs).sample
-    target = diffusion.training_target(model.prediction_type, latents, noise, timesteps, trainee.alphas_cumprod)
-    losses = diffusion.per_sample_loss(prediction.float(), target, config.loss_type,
-                                       timesteps / len(trainee.alphas_cumprod))
-    if config.min_snr_gamma:
-        losses = losses * diffusion.min_snr_weights(diffusion.snr(trainee.alphas_cumprod, timesteps),
-                                                    config.min_snr_gamma, model.prediction_type)
-    return losses
+        conditioning = model.family.encode(model.text_encoder, batch["input_ids"].to(device), config.clip_skip)
+        losses, snr_weights = diffusion.denoising_losses(
+            lambda noisy, t: model.unet(noisy, t, conditioning.hidden_states, **conditioning.unet_kwargs).sample,
+            latents, noise, timesteps, trainee.alphas_cumprod, model.prediction_type, config.loss_type,
+            config.min_snr_gamma)
+    return losses if snr_weights is None else losses * snr_weights
