@@ -798,11 +798,13 @@ def write_data_records(run_dir: str, report: str, plan: RunPlan) -> None:
 
 def write_schedule(run_dir: str, plan: RunPlan, epoch: int, batches: list) -> None:
     """ep<N>_batch_schedule.txt (N counts from 0): every sample of the epoch as it will train."""
+    from data.plan import batch_positions
     from data.report import schedule_lines
 
     first_step = sum(plan.batches_per_epoch[:epoch])
+    lines = schedule_lines(batches, plan.items, first_step, batch_positions(len(batches), plan.data_options))
     with open(os.path.join(run_dir, f"ep{epoch}_batch_schedule.txt"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(schedule_lines(batches, plan.items, first_step)) + "\n")
+        handle.write("\n".join(lines) + "\n")
 
 
 def dry_run(plan: RunPlan) -> int:

@@ -294,3 +294,13 @@ def process_share(batches: list[list[Sample]], process: int, options: PlanOption
         short = math.ceil(len(run) / options.processes) - len(mine)
         share += mine + [[dataclasses.replace(sample, stand_in=True) for sample in run[0]]] * short
     return share
+
+
+def batch_positions(batch_count: int, options: PlanOptions) -> list[tuple[int, int]]:
+    """(process, position in that process's share) of each of an epoch's `batch_count` batches, as
+    process_share hands them out: which process trains the batch, and at which of its steps of the epoch."""
+    positions = []
+    for index in range(batch_count):
+        run, place = divmod(index, options.batches_per_step)
+        positions.append((place % options.processes, run * options.grad_accum + place // options.processes))
+    return positions

@@ -92,16 +92,19 @@ def _epoch_lines(items, options: PlanOptions, first_epoch: list[list[Sample]], b
     return lines
 
 
-def schedule_lines(batches: list[list[Sample]], items, first_step: int) -> list[str]:
-    """ep<N>_batch_schedule.txt: one JSON object per sample, in training order."""
+def schedule_lines(batches: list[list[Sample]], items, first_step: int,
+                   positions: list[tuple[int, int]] | None = None) -> list[str]:
+    """ep<N>_batch_schedule.txt: one JSON object per sample, in the epoch plan's order, with the step that
+    trains it and, with several processes, which process does (`positions`, data.plan.batch_positions)."""
+    positions = positions or [(0, offset) for offset in range(len(batches))]
     lines = []
-    for offset, batch in enumerate(batches):
+    for batch, (process, offset) in zip(batches, positions, strict=True):
         for sample in batch:
             lines.append(json.dumps({
-                "step": first_step + offset, "bucket": list(sample.bucket), "path": items[sample.index].path,
-                "caption": sample.caption, "flip": sample.flip, "copy": sample.copy,
-                "crop": [round(sample.crop_x, 4), round(sample.crop_y, 4)], "loss_scale": sample.loss_scale,
-                "batch_size": len(batch)}, ensure_ascii=False))
+                "step": first_step + offset, "process": process, "bucket": list(sample.bucket),
+                "path": items[sample.index].path, "caption": sample.caption, "flip": sample.flip,
+                "copy": sample.copy, "crop": [round(sample.crop_x, 4), round(sample.crop_y, 4)],
+                "loss_scale": sample.loss_scale, "batch_size": len(batch)}, ensure_ascii=False))
     return lines
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from data.captions import Tag, compose_caption
 from data.image_config import ImageConfigError, parse_mapping
 from data.items import ImageItem, scan_dataset
-from data.plan import PlanOptions, batches_per_epoch, epoch_batches, epoch_selection, plan_epoch, rated_fraction
+from data.plan import PlanOptions, batch_positions, batches_per_epoch, epoch_batches, epoch_selection, plan_epoch, rated_fraction
 from data.report import dataset_report, schedule_lines, undersized_lines
 from data.scan import DataRootError
 
@@ -499,6 +499,15 @@ def test_schedule_lines_are_json_with_the_caption_as_trained():
         assert set(line) >= {"step", "bucket", "path", "caption", "flip"}
         index = int(os.path.basename(line["path"]).split(".")[0])
         assert line["caption"] == f"p{index}" and line["flip"] is (index == 0) and line["bucket"] == [256, 256]
+        assert line["process"] == 0
+
+
+def test_with_two_processes_the_schedule_says_which_process_trains_each_batch_and_at_which_step():
+    items = items_of(*[{}] * 10)
+    options = PlanOptions(seed=3, batch_size=2, processes=2)
+    batches = plan_epoch(items, 0, options)  # 5 batches: steps 14, 14, 15, 15, 16 on processes 0, 1, 0, 1, 0
+    lines = [json.loads(line) for line in schedule_lines(batches, items, 14, batch_positions(len(batches), options))]
+    assert [(line["step"], line["process"]) for line in lines[::2]] == [(14, 0), (14, 1), (15, 0), (15, 1), (16, 0)]
 
 
 # =================================================================================================

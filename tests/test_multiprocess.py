@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data.items import ImageItem, scan_dataset
-from data.plan import PlanOptions, batches_per_epoch, plan_epoch, process_share
+from data.plan import PlanOptions, batch_positions, batches_per_epoch, plan_epoch, process_share
 from tests.test_train_e2e import scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,8 @@ def test_the_processes_share_each_epoch_once_in_lockstep():
             for batch in (batch for share in shares for batch in share):
                 assert len({sample.bucket for sample in batch}) == 1
                 assert len({sample.stand_in for sample in batch}) == 1
+            for batch, (process, position) in zip(planned, batch_positions(len(planned), options), strict=True):
+                assert shares[process][position] == batch  # where the batch schedule file says it trains
 
 
 def test_one_process_trains_the_whole_plan():

@@ -135,7 +135,7 @@ class TrainConfig:
     keep_tags: int = option(
         0, "When tags are shuffled, keep the first N tags in place.", group="Data", minimum=0)
     write_schedule: bool = option(
-        False, "Write each epoch's samples (step, bucket, path, caption as trained, flip) to "
+        False, "Write each epoch's samples (step, process, bucket, path, caption as trained, flip) to "
         "ep<N>_batch_schedule.txt in the run folder.", group="Data")
     rated_dataset: bool = option(
         False, "Train lower-rated images less often as epochs go by: after the first epoch, each epoch draws "
