@@ -82,6 +82,7 @@ def data_options(config: TrainConfig):
     # WORLD_SIZE: the number of processes, set by accelerate launch, torchrun and MPI launchers.
     return PlanOptions(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
                        processes=int(os.environ.get("WORLD_SIZE", "1")), fixed_crops=config.cache_latents,
+                       data_roots=tuple([config.data_root] if isinstance(config.data_root, str) else config.data_root),
                        max_epochs=config.max_epochs, flip_p=config.flip_p, cond_dropout=config.cond_dropout,
                        shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags,
                        rated_dataset=config.rated_dataset,
@@ -548,7 +549,9 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
                 posterior = cached_posterior(batch["latent_params"].to(device, non_blocking=True))
             else:
                 posterior = model.vae.encode(batch["pixels"].to(device, non_blocking=True)).latent_dist
-            latents = posterior.sample(generator).float() * model.vae.config.scaling_factor
+            # Contiguous: the VAE may hand back channels-last latents (oneDNN on the CPU), the cache never does,
+            # and the UNet's kernels (so the last bits of the loss) depend on the layout.
+            latents = posterior.sample(generator).float().contiguous() * model.vae.config.scaling_factor
         noise = diffusion.sample_noise(latents, generator, config.zero_frequency_noise_ratio,
                                        config.pyramid_noise_discount or 0.0)
         timesteps = diffusion.sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator,

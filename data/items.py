@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from data.buckets import generate_buckets, nearest_bucket
 from data.captions import Tag, caption_from_filename, compose_caption
@@ -166,3 +167,17 @@ def _scan_one(candidate: _Candidate, buckets: list[tuple[int, int]], notes: list
         flip_p=config.flip_p, cond_dropout=config.cond_dropout, batch_id=config.batch_id,
         loss_scale=1.0 if config.loss_scale is None else config.loss_scale, source=candidate.source)
 
+
+def item_key(path: str, roots: Sequence[str] = ()) -> str:
+    """The image's path relative to the first root (a folder, or a manifest's folder) that holds it, with `/`
+    separators; the absolute path when none does."""
+    absolute = os.path.abspath(path)
+    for root in roots:
+        folder = os.path.abspath(root if not os.path.isfile(root) else os.path.dirname(root))
+        try:
+            inside = os.path.commonpath([folder, absolute]) == folder
+        except ValueError:  # another drive (Windows)
+            inside = False
+        if inside:
+            return os.path.relpath(absolute, folder).replace(os.sep, "/")
+    return absolute.replace(os.sep, "/")

@@ -11,8 +11,10 @@ Random streams, each derived from the seed, never global:
   a rated-dataset epoch;
 - `sample/{seed}/{epoch}/{index}/{copy}`: crop, jitter, flip, caption dropout and tag order of one copy
   of one image, so they do not depend on where it lands in the epoch;
-- `crop/{seed}/{index}`: with `fixed_crops` (latent caching), the crop and jitter of an image for the whole
-  run, so each image has at most two variants (flipped or not) to encode once.
+- `crop/{seed}/{image key}`: with `fixed_crops` (latent caching), the crop and jitter of an image for the
+  whole run, so each image has at most two variants (flipped or not) to encode once. The key is the image's
+  path within its data root (data.items.item_key), so adding, removing or moving images keeps every other
+  image's crop, and its cached latents.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import random
 from dataclasses import dataclass
 
 from data.captions import compose_caption
-from data.items import ImageItem
+from data.items import ImageItem, item_key
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class PlanOptions:
     rated_dataset: bool = False
     rated_dataset_target_dropout_percent: float = 50.0
     fixed_crops: bool = False  # one crop per image for the whole run (cache_latents); flips still vary
+    data_roots: tuple[str, ...] = ()  # the data_root folders or manifests, for the fixed crops' image keys
 
     @property
     def batches_per_step(self) -> int:
@@ -93,7 +96,7 @@ def plan_sample(items: list[ImageItem], index: int, copy: int, epoch: int, optio
     rng = sample_rng(options.seed, epoch, index, copy)
     crop_x, crop_y, jitter = draw_crop(rng)
     if options.fixed_crops:  # the crop draws above are still made, so flips and dropouts match a run without
-        crop_x, crop_y, jitter = fixed_crop(options.seed, index)
+        crop_x, crop_y, jitter = fixed_crop(options.seed, item_key(item.path, options.data_roots))
     flip = rng.random() < flip_probability(item, options)
     dropped = rng.random() < (options.cond_dropout if item.cond_dropout is None else item.cond_dropout)
     shuffled = options.shuffle_tags or item.shuffle_tags
@@ -109,9 +112,9 @@ def draw_crop(rng: random.Random) -> tuple[float, float, tuple[float, float, flo
     return crop_x, crop_y, (rng.random(), rng.random(), rng.random(), rng.random())
 
 
-def fixed_crop(seed: int, index: int) -> tuple[float, float, tuple[float, float, float, float]]:
-    """crop_x, crop_y and jitter of an image for the whole run (fixed_crops)."""
-    return draw_crop(random.Random(f"crop/{seed}/{index}"))
+def fixed_crop(seed: int, key: str) -> tuple[float, float, tuple[float, float, float, float]]:
+    """crop_x, crop_y and jitter of an image for the whole run (fixed_crops), from its key (item_key)."""
+    return draw_crop(random.Random(f"crop/{seed}/{key}"))
 
 
 def flip_probability(item: ImageItem, options: PlanOptions) -> float:
@@ -131,7 +134,7 @@ def image_variants(items: list[ImageItem], options: PlanOptions) -> list[Variant
     for index, item in enumerate(items):
         if item.multiply <= 0:
             continue
-        crop_x, crop_y, jitter = fixed_crop(options.seed, index)
+        crop_x, crop_y, jitter = fixed_crop(options.seed, item_key(item.path, options.data_roots))
         p = flip_probability(item, options)
         flips = [False] * (p < 1.0) + [True] * (p > 0.0)
         variants += [Variant(index, item.bucket, crop_x, crop_y, jitter, flip) for flip in flips]

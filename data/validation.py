@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Sequence
 
-from data.items import ImageItem, ScanResult, SkippedFile, scan_dataset
+from data.items import ImageItem, ScanResult, SkippedFile, item_key, scan_dataset
 from data.plan import Sample
 from utils.config import ConfigError, ConfigProblem
 
@@ -241,21 +241,6 @@ def _settings_notes(settings: ValidationSettings) -> list[str]:
 # =================================================================================================
 # Keys and seeds: a stable name per image and the random numbers derived from it
 # =================================================================================================
-
-def item_key(path: str, roots: Sequence[str] = ()) -> str:
-    """The image's path relative to the first root (a folder, or a manifest's folder) that holds it, with `/`
-    separators; the absolute path when none does."""
-    absolute = os.path.abspath(path)
-    for root in roots:
-        folder = os.path.abspath(root if not os.path.isfile(root) else os.path.dirname(root))
-        try:
-            inside = os.path.commonpath([folder, absolute]) == folder
-        except ValueError:  # another drive (Windows)
-            inside = False
-        if inside:
-            return os.path.relpath(absolute, folder).replace(os.sep, "/")
-    return absolute.replace(os.sep, "/")
-
 
 def _hash(*parts: object) -> int:
     """A 64-bit number from the parts; the same on every machine and Python version (unlike hash())."""

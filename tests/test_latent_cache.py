@@ -4,6 +4,7 @@ reading from it, and the in-memory text-embedding cache. CPU, on the tiny model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -56,6 +57,18 @@ def test_fixed_crops_leave_order_flips_and_captions_as_they_were():
         free = flat(plan_epoch(items, epoch, PlanOptions(**args)))
         fixed = flat(plan_epoch(items, epoch, PlanOptions(**args, fixed_crops=True)))
         assert [(s.index, s.flip, s.caption) for s in free] == [(s.index, s.flip, s.caption) for s in fixed]
+
+
+def test_fixed_crops_follow_the_image_not_its_place_in_the_list_or_the_data_root():
+    items = plan_items()
+    options = PlanOptions(seed=4, batch_size=3, fixed_crops=True, data_roots=("/data",))
+    crops = {v.index: (v.crop_x, v.crop_y, v.jitter) for v in image_variants(items, options)}
+    added = [ImageItem("/data/00 new.jpg", (700, 700), (512, 512))] + items  # sorts first: every index moves
+    crops_after = {v.index - 1: (v.crop_x, v.crop_y, v.jitter) for v in image_variants(added, options) if v.index}
+    assert crops_after == crops
+    moved = [dataclasses.replace(item, path=item.path.replace("/data/", "/mnt/disk/set/")) for item in items]
+    moved_options = dataclasses.replace(options, data_roots=("/mnt/disk/set",))
+    assert {v.index: (v.crop_x, v.crop_y, v.jitter) for v in image_variants(moved, moved_options)} == crops
 
 
 def test_image_variants_cover_every_sample_of_a_run():
@@ -159,6 +172,21 @@ def test_a_second_fill_reuses_every_entry(filled, vae):
     again = LatentCache.open(cache.folder, vae, items)
     result = fill_latent_cache(again, items, variants, vae, "cpu", batch_size=8, progress=False)
     assert (result.encoded, result.reused, result.failed) == (0, len(variants), [])
+
+
+def test_an_added_image_is_the_only_one_encoded(filled, vae):
+    items, variants, cache, _ = filled
+    folder = os.path.dirname(items[0].path)
+    new = os.path.join(folder, "0 added first.png")
+    shutil.copyfile(items[0].path, new)  # the same pixels, but another image: its own crop and entries
+    more = [ImageItem(new, read_image_size(new), (64, 96), main_prompt="added")] + items
+    try:
+        again = LatentCache.open(cache.folder, vae, more)
+        result = fill_latent_cache(again, more, image_variants(more, OPTIONS), vae, "cpu", batch_size=8,
+                                   progress=False)
+    finally:
+        os.remove(new)
+    assert (result.encoded, result.reused, result.failed) == (2, len(variants), [])  # its two sides
 
 
 def test_another_vae_gets_other_keys(filled, vae):
