@@ -48,6 +48,7 @@ class RunPlan:
     session_key: str = ""  # digest of the settings as given: how `--resume_run auto` finds this run again
     resume: object = None  # utils.resume.ResumeTarget when continuing a run (--resume_run)
     plugins: list = dataclasses.field(default_factory=list)  # the instances of `plugins` (utils/plugins.py)
+    fingerprint: dict = dataclasses.field(default_factory=dict)  # data/fingerprint.py's, of every scanned image
 
     @property
     def model_source(self) -> str:
@@ -188,9 +189,10 @@ def plan_run(argv: list[str]) -> RunPlan:
             problems.append(ConfigProblem("lr_warmup_steps", loaded.origins["lr_warmup_steps"], (
                 f"the {part}'s warmup ({schedule[part].warmup} steps) is not shorter than its decay "
                 f"({schedule[part].decay} steps), so the {group.lr_scheduler} schedule would never decay.")))
+    fingerprint = dataset_fingerprint(scan.items)  # read once: the resume check, the run folder, the latent cache
     if resume and not problems:
         differences = resume_differences(resume, to_json_dict(config), optimizer_summary(optimizer_settings),
-                                         dataset_fingerprint(scan.items), options.processes)
+                                         fingerprint, options.processes)
         if differences and not config.force_resume:
             problems.append(ConfigProblem("resume_run", loaded.origins["resume_run"], (
                 f"these differ from {resume.run_dir}, so the run would not continue as it started:\n      "
@@ -210,7 +212,7 @@ def plan_run(argv: list[str]) -> RunPlan:
             loaded.notes.append(f"ema_update_interval: {config.ema_update_interval} optimizer steps is longer than "
                                 f"the run ({total_steps} steps): the EMA will never be updated.")
     return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay,
-                   sample_file, validation, started_as, resume, plugins)
+                   sample_file, validation, started_as, resume, plugins, fingerprint)
 
 
 def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: list):
@@ -336,7 +338,6 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
     compares against stays as the run started, unless differences were accepted with --force_resume:
     those become the run's settings.
     """
-    from data.fingerprint import dataset_fingerprint
     from utils.checkpoint import remove_unfinished_saves
     from utils.resume import DATASET_FILE, optimizer_summary, read_run_info
     from utils.run_folder import (CONFIG_FILE, INFO_FILE, create_run_folder, setup_logging, write_json,
@@ -354,14 +355,14 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
                                                       "derived": plan.derived, "notes": plan.loaded.notes}]
         if plan.config.force_resume:
             write_json(os.path.join(run_dir, CONFIG_FILE), to_json_dict(plan.config))
-            write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.scan.items))
+            write_json(os.path.join(run_dir, DATASET_FILE), plan.fingerprint)
             info.update(optimizer=optimizer_summary(plan.optimizer_settings), processes=plan.data_options.processes)
         write_json(os.path.join(run_dir, INFO_FILE), info)
         return run_dir
     run_dir = create_run_folder(plan.config.logdir, plan.config.project_name)
     setup_logging(run_dir)
     write_run_settings(run_dir, to_json_dict(plan.config), run_info(plan, started=True))
-    write_json(os.path.join(run_dir, DATASET_FILE), dataset_fingerprint(plan.scan.items))
+    write_json(os.path.join(run_dir, DATASET_FILE), plan.fingerprint)
     return run_dir
 
 
@@ -484,7 +485,7 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
     machine_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by the launchers
-    cache = LatentCache.open(folder, trainee.model.vae, plan.items)
+    cache = LatentCache.open(folder, trainee.model.vae, plan.items, plan.fingerprint)
     variants = image_variants(plan.items, plan.data_options)
     result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
                   autocast=accelerator.autocast, share=(accelerator.local_process_index, machine_processes),

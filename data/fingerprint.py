@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from data.items import ImageItem
 
 
 SAMPLED_BYTES = 8192  # from each end of a file: an edited or re-encoded image differs there
+READ_THREADS = 16  # files read at once: a network disk or bucket mount answers many small reads in parallel
 
 
-def dataset_fingerprint(items: list[ImageItem]) -> dict[str, list]:
+def dataset_fingerprint(items: list[ImageItem], threads: int = READ_THREADS) -> dict[str, list]:
     """{path: [bytes, digest of the file's ends, digest of its caption and settings]} for every usable image.
 
     File times are not used: data copied or unpacked again onto a new machine (after a preemption, say)
     is the same data.
     """
-    return {item.path: [*file_digest(item.path), _settings_digest(item)] for item in items}
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # small reads: the disk's latency dominates
+        digests = list(pool.map(file_digest, [item.path for item in items]))
+    return {item.path: [*digest, _settings_digest(item)] for item, digest in zip(items, digests)}
 
 
 def file_digest(path: str) -> list:

@@ -29,7 +29,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 
 from data.dataset import load_pixels
-from data.fingerprint import file_digest
+from data.fingerprint import dataset_fingerprint
 from data.image_io import UNREADABLE
 from data.items import ImageItem
 from data.plan import Variant
@@ -64,9 +64,9 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def image_digest(path: str) -> str | None:
-    """The file's size and the digest of its ends (data/fingerprint.py); None when it cannot be read."""
-    size, digest = file_digest(path)
+def content_key(size: int, digest: str) -> str | None:
+    """An image's content as the cache keys it: the file's size and the digest of its ends
+    (data/fingerprint.py); None for a file that could not be read."""
     return None if size < 0 else f"{size}:{digest}"
 
 
@@ -79,14 +79,14 @@ class LatentCache:
 
     folder: str
     vae_digest: str  # weights_digest of the VAE
-    image_digests: dict[str, str | None] = field(repr=False)  # image path -> image_digest, read once
+    image_digests: dict[str, str | None] = field(repr=False)  # image path -> content_key, read once
 
     @classmethod
-    def open(cls, folder: str, vae: torch.nn.Module, items: list[ImageItem], threads: int = IO_THREADS):
-        """The cache in `folder` for this VAE and these images: digests every image file and the VAE once."""
-        paths = list(dict.fromkeys(item.path for item in items))
-        with ThreadPoolExecutor(max(1, threads)) as pool:  # small reads: the disk's latency dominates
-            digests = dict(zip(paths, pool.map(image_digest, paths)))
+    def open(cls, folder: str, vae: torch.nn.Module, items: list[ImageItem], fingerprint: dict | None = None):
+        """The cache in `folder` for this VAE and these images: digests the VAE, and every image file unless
+        `fingerprint` (data.fingerprint.dataset_fingerprint of them, as train.py reads at start-up) has them."""
+        fingerprint = fingerprint or dataset_fingerprint(items)
+        digests = {item.path: content_key(*fingerprint[item.path][:2]) for item in items}
         return cls(os.path.abspath(folder), weights_digest(vae), digests)
 
     def key(self, path: str, variant: Variant) -> str | None:
