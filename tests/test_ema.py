@@ -1,11 +1,11 @@
-"""The EMA of the trained weights (utils/ema.py) and its decay (train.resolve_ema_decay)."""
+"""The EMA of the trained weights (utils/ema.py) and its decay (utils/run_plan.resolve_ema_decay)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from train import resolve_ema_decay
+from utils.run_plan import resolve_ema_decay
 from utils.ema import EMA, load_saved_ema
 from utils.tiny_model import build_tiny_components
 
