@@ -78,18 +78,19 @@ class OneOfTwoProcesses:
         return tensor
 
 
-def test_two_processes_each_measure_half_of_each_set_and_their_sums_make_the_whole(measured):
+def test_two_processes_share_the_batches_out_and_their_sums_make_the_whole(measured):
     trainee, validation = measured
     config, alone = TrainConfig(resume_ckpt="builtin:tiny"), OneOfTwoProcesses(0)
     alone.num_processes = 1  # one process: measures everything, and no all-reduce
-    whole = [validation.set_sums(name, trainee, config, alone) for name in validation.plan.sets]
+    whole = validation.share_sums(trainee, config, alone)
     processes = [OneOfTwoProcesses(index) for index in (0, 1)]
     for process in processes:
         validation.measure(trainee, config, process)
-    for i, (total, count) in enumerate(whole):
+    counts = [sum(process.sums[1::2]) for process in processes]
+    assert all(counts) and sum(counts) == sum(count for _, count in whole.values())  # both measured, no image twice
+    for i, (total, count) in enumerate(whole.values()):
         shares = [process.sums[2 * i: 2 * i + 2] for process in processes]
-        assert all(0 < share_count < count for _, share_count in shares)  # both measured part of the set
-        assert sum(share_count for _, share_count in shares) == count  # and each image exactly once
+        assert sum(share_count for _, share_count in shares) == count  # each image of the set exactly once
         assert sum(share_total for share_total, _ in shares) == pytest.approx(total, rel=1e-6)
 
 

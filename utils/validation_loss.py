@@ -3,7 +3,7 @@
 and noise drawn from its own fixed seed, so two values of a curve differ only because the model changed.
 
 Images are loaded in the training process (validation sets are small); with several processes each loads
-and measures its share of the batches. Nothing here touches a global random generator, a gradient or a
+and measures its share of all the sets' batches. Nothing here touches a global random generator, a gradient or a
 module's mode for good.
 """
 
@@ -42,13 +42,13 @@ class Validation:
     def measure(self, trainee, config, accelerator) -> dict[str, float]:
         """{tag: loss} for every set (and the held-out sets' mean when there are several).
 
-        With several processes each measures every n-th batch of each set and the sums are added up, so the
-        values are those one process would measure, in 1/n of the time.
+        With several processes each measures every n-th batch of all the sets' batches and the sums are added
+        up, so the values are those one process would measure, in about 1/n of the time.
         """
         from utils.processes import sum_over_processes
 
-        sums = [self.set_sums(name, trainee, config, accelerator) for name in self.plan.sets]
-        totals = sum_over_processes(accelerator, *(value for pair in sums for value in pair))
+        sums = self.share_sums(trainee, config, accelerator)
+        totals = sum_over_processes(accelerator, *(value for name in self.plan.sets for value in sums[name]))
         losses = {name: totals[2 * i] / max(1, totals[2 * i + 1]) for i, name in enumerate(self.plan.sets)}
         values = {self.plan.tags[name]: loss for name, loss in losses.items()}
         if self.plan.combined_tag:
@@ -58,21 +58,21 @@ class Validation:
         return values
 
     @torch.no_grad()
-    def set_sums(self, name: str, trainee, config, accelerator) -> tuple[float, int]:
-        """(sum of the losses, images measured) over this process's share of the set's batches (each image
-        counts once, whatever its batch)."""
-        images = PlannedImages(self.plan.sets[name])
-        seeds = self.plan.seeds[name]
-        share = self.plan.batches(name)[accelerator.process_index::accelerator.num_processes]
-        total, count = 0.0, 0
+    def share_sums(self, trainee, config, accelerator) -> dict[str, tuple[float, int]]:
+        """{set: (sum of the losses, images measured)} over this process's share of all the sets' batches
+        (each image counts once, whatever its batch)."""
+        every_batch = [(name, samples) for name in self.plan.sets for samples in self.plan.batches(name)]
+        sums = {name: (0.0, 0) for name in self.plan.sets}
         with eval_mode(trainee.model.unet, trainee.model.text_encoder):
-            for samples in share:
+            for name, samples in every_batch[accelerator.process_index::accelerator.num_processes]:
+                images, seeds = PlannedImages(self.plan.sets[name]), self.plan.seeds[name]
                 batch = self.collate([images[sample] for sample in samples])
                 if batch["pixels"] is None:
                     continue  # none of its images could be read (reported by the training loader when it trains)
                 per_image = image_losses(trainee, batch, [seeds[i] for i in batch["indices"]], config, accelerator)
-                total, count = total + float(per_image.sum()), count + len(per_image)
-        return total, count
+                total, count = sums[name]
+                sums[name] = (total + float(per_image.sum()), count + len(per_image))
+        return sums
 
 
 def image_losses(trainee, batch: dict, seeds: list[int], config, accelerator) -> torch.Tensor:
@@ -87,7 +87,7 @@ def image_losses(trainee, batch: dict, seeds: list[int], config, accelerator) ->
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         latents = torch.cat([distribution.mean[i:i + 1] + distribution.std[i:i + 1] * torch.randn(
             distribution.mean[i:i + 1].shape, generator=g, device=device) for i, g in enumerate(generators)])
-        latents = latents.float() * model.vae.config.scaling_factor
+        latents = latents.float().contiguous() * model.vae.config.scaling_factor  # as train_step
         timesteps = torch.cat([diffusion.sample_timesteps(1, config.timestep_start, config.timestep_end, g, device)
                                for g in generators])
         noise = torch.cat([diffusion.sample_noise(latents[i:i + 1], g, config.zero_frequency_noise_ratio,
