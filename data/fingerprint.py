@@ -19,9 +19,10 @@ def dataset_fingerprint(items: list[ImageItem], threads: int = READ_THREADS) -> 
     File times are not used: data copied or unpacked again onto a new machine (after a preemption, say)
     is the same data.
     """
+    paths = list(dict.fromkeys(item.path for item in items))  # an image listed twice is read once
     with ThreadPoolExecutor(max(1, threads)) as pool:  # small reads: the disk's latency dominates
-        digests = list(pool.map(file_digest, [item.path for item in items]))
-    return {item.path: [*digest, _settings_digest(item)] for item, digest in zip(items, digests)}
+        digests = dict(zip(paths, pool.map(file_digest, paths)))
+    return {item.path: [*digests[item.path], _settings_digest(item)] for item in items}
 
 
 def file_digest(path: str) -> list:

@@ -171,9 +171,18 @@ def _scan_one(candidate: _Candidate, buckets: list[tuple[int, int]], notes: list
 def item_key(path: str, roots: Sequence[str] = ()) -> str:
     """The image's path relative to the first root (a folder, or a manifest's folder) that holds it, with `/`
     separators; the absolute path when none does."""
+    return relative_key(path, root_folders(roots))
+
+
+def root_folders(roots: Sequence[str]) -> tuple[str, ...]:
+    """The absolute folder of each data root: the folder itself, or the folder a manifest file is in."""
+    return tuple(os.path.abspath(os.path.dirname(root) if os.path.isfile(root) else root) for root in roots)
+
+
+def relative_key(path: str, folders: Sequence[str]) -> str:
+    """item_key with the roots' folders already found (root_folders), so no file is looked at."""
     absolute = os.path.abspath(path)
-    for root in roots:
-        folder = os.path.abspath(root if not os.path.isfile(root) else os.path.dirname(root))
+    for folder in folders:
         try:
             inside = os.path.commonpath([folder, absolute]) == folder
         except ValueError:  # another drive (Windows)

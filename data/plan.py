@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass
 
 from data.captions import compose_caption
-from data.items import ImageItem, item_key
+from data.items import ImageItem, relative_key
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class PlanOptions:
     rated_dataset: bool = False
     rated_dataset_target_dropout_percent: float = 50.0
     fixed_crops: bool = False  # one crop per image for the whole run (cache_latents); flips still vary
-    data_roots: tuple[str, ...] = ()  # the data_root folders or manifests, for the fixed crops' image keys
+    data_roots: tuple[str, ...] = ()  # the data roots' folders (data.items.root_folders), for the fixed crops
 
     @property
     def batches_per_step(self) -> int:
@@ -96,7 +96,7 @@ def plan_sample(items: list[ImageItem], index: int, copy: int, epoch: int, optio
     rng = sample_rng(options.seed, epoch, index, copy)
     crop_x, crop_y, jitter = draw_crop(rng)
     if options.fixed_crops:  # the crop draws above are still made, so flips and dropouts match a run without
-        crop_x, crop_y, jitter = fixed_crop(options.seed, item_key(item.path, options.data_roots))
+        crop_x, crop_y, jitter = fixed_crop(options.seed, relative_key(item.path, options.data_roots))
     flip = rng.random() < flip_probability(item, options)
     dropped = rng.random() < (options.cond_dropout if item.cond_dropout is None else item.cond_dropout)
     shuffled = options.shuffle_tags or item.shuffle_tags
@@ -134,7 +134,7 @@ def image_variants(items: list[ImageItem], options: PlanOptions) -> list[Variant
     for index, item in enumerate(items):
         if item.multiply <= 0:
             continue
-        crop_x, crop_y, jitter = fixed_crop(options.seed, item_key(item.path, options.data_roots))
+        crop_x, crop_y, jitter = fixed_crop(options.seed, relative_key(item.path, options.data_roots))
         p = flip_probability(item, options)
         flips = [False] * (p < 1.0) + [True] * (p > 0.0)
         variants += [Variant(index, item.bucket, crop_x, crop_y, jitter, flip) for flip in flips]

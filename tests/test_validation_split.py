@@ -563,3 +563,21 @@ def test_the_loader_loads_a_validation_set(tmp_path):
 def test_a_schedule_needs_a_positive_interval():
     with pytest.raises(ValueError, match="every_n_epochs must be above 0"):
         validation_schedule(0, [4])
+
+
+@pytest.mark.parametrize("settings, measured", [
+    ({"validate_training": False, "stabilize_training_loss": True}, " (only stabilize-train)"),
+    ({"val_split_mode": "none"}, ""),  # nothing measured at all
+])
+def test_early_stopping_and_the_best_checkpoint_need_a_held_out_set(tmp_path, settings, measured):
+    from utils.run_plan import plan_run
+
+    config = tmp_path / "validation.json"
+    config.write_text(json.dumps(settings))
+    with pytest.raises(ConfigError) as caught:
+        plan_run(["--config", os.path.join(REPO_ROOT, "train.json"), "--validation_config", str(config),
+                  "--early_stopping_patience", "2", "--save_best_val", "true", "--logdir", str(tmp_path)])
+    message = str(caught.value)
+    for key in ("early_stopping_patience", "save_best_val"):
+        assert f"{key}" in message
+    assert f"{config} holds out none{measured}." in message

@@ -6,6 +6,7 @@ is reported, all together, in a second and before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -35,7 +36,14 @@ class RunPlan:
     session_key: str = ""  # digest of the settings as given: how `--resume_run auto` finds this run again
     resume: object = None  # utils.resume.ResumeTarget when continuing a run (--resume_run)
     plugins: list = dataclasses.field(default_factory=list)  # the instances of `plugins` (utils/plugins.py)
-    fingerprint: dict = dataclasses.field(default_factory=dict)  # data/fingerprint.py's, of every scanned image
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """data/fingerprint.py's record of every scanned image, read once, when first needed: the resume
+        check, the run folder's record (main process) and the latent cache's keys."""
+        from data.fingerprint import dataset_fingerprint
+
+        return dataset_fingerprint(self.scan.items)
 
     @property
     def model_source(self) -> str:
@@ -65,12 +73,14 @@ class RunPlan:
 
 
 def data_options(config: TrainConfig):
+    from data.items import root_folders
     from data.plan import PlanOptions
 
     # WORLD_SIZE: the number of processes, set by accelerate launch, torchrun and MPI launchers.
     return PlanOptions(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
                        processes=int(os.environ.get("WORLD_SIZE", "1")), fixed_crops=config.cache_latents,
-                       data_roots=tuple([config.data_root] if isinstance(config.data_root, str) else config.data_root),
+                       data_roots=root_folders([config.data_root] if isinstance(config.data_root, str)
+                                               else config.data_root),
                        max_epochs=config.max_epochs, flip_p=config.flip_p, cond_dropout=config.cond_dropout,
                        shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags,
                        rated_dataset=config.rated_dataset,
@@ -84,11 +94,9 @@ def plan_run(argv: list[str]) -> RunPlan:
     from data.plan import batches_per_epoch
     from data.scan import DataRootError
     from optimizer.optimizer_config import OPTIMIZERS, load_optimizer_settings, schedule_steps
-    from data.fingerprint import dataset_fingerprint
     from utils.checkpoint import NoCheckpointFound, find_last_checkpoint
     from utils.plugins import defines
-    from utils.resume import (ResumeError, load_settings, optimizer_summary, read_run_config, resume_differences,
-                              session_key)
+    from utils.resume import ResumeError, load_settings, read_run_config, session_key
 
     loaded, resume = load_settings(argv)
     config, derived, problems = loaded.config, [], []
@@ -176,16 +184,6 @@ def plan_run(argv: list[str]) -> RunPlan:
             problems.append(ConfigProblem("lr_warmup_steps", loaded.origins["lr_warmup_steps"], (
                 f"the {part}'s warmup ({schedule[part].warmup} steps) is not shorter than its decay "
                 f"({schedule[part].decay} steps), so the {group.lr_scheduler} schedule would never decay.")))
-    fingerprint = dataset_fingerprint(scan.items)  # read once: the resume check, the run folder, the latent cache
-    if resume and not problems:
-        differences = resume_differences(resume, to_json_dict(config), optimizer_summary(optimizer_settings),
-                                         fingerprint, options.processes)
-        if differences and not config.force_resume:
-            problems.append(ConfigProblem("resume_run", loaded.origins["resume_run"], (
-                f"these differ from {resume.run_dir}, so the run would not continue as it started:\n      "
-                + "\n      ".join(differences) + "\n    Undo them, or add --force_resume to continue anyway.")))
-        elif differences:
-            loaded.notes.append("resumed with --force_resume despite: " + "; ".join(differences))
     if problems:
         raise ConfigError(problems)
     derived += list(optimizer_settings.origins) + [f"{part}: {steps.origin}" for part, steps in schedule.items()]
@@ -198,8 +196,27 @@ def plan_run(argv: list[str]) -> RunPlan:
         if not updates:
             loaded.notes.append(f"ema_update_interval: {config.ema_update_interval} optimizer steps is longer than "
                                 f"the run ({total_steps} steps): the EMA will never be updated.")
-    return RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay,
-                   sample_file, validation, started_as, resume, plugins, fingerprint)
+    plan = RunPlan(config, loaded, optimizer_settings, scan, options, per_epoch, schedule, derived, ema_decay,
+                   sample_file, validation, started_as, resume, plugins)
+    if resume:
+        check_resume(plan)
+    return plan
+
+
+def check_resume(plan: RunPlan) -> None:
+    """Refuse (ConfigError) to resume a run whose settings, optimizer, data or number of processes differ
+    from how it started, unless force_resume; then the differences are noted."""
+    from utils.resume import optimizer_summary, resume_differences
+
+    config, loaded, resume = plan.config, plan.loaded, plan.resume
+    differences = resume_differences(resume, to_json_dict(config), optimizer_summary(plan.optimizer_settings),
+                                     plan.fingerprint, plan.data_options.processes)
+    if differences and not config.force_resume:
+        raise ConfigError([ConfigProblem("resume_run", loaded.origins["resume_run"], (
+            f"these differ from {resume.run_dir}, so the run would not continue as it started:\n      "
+            + "\n      ".join(differences) + "\n    Undo them, or add --force_resume to continue anyway."))])
+    if differences:
+        loaded.notes.append("resumed with --force_resume despite: " + "; ".join(differences))
 
 
 def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: list):
@@ -217,13 +234,12 @@ def plan_validation(config: TrainConfig, loaded: LoadedConfig, scan, problems: l
         problems.extend(error.problems)
         return None
     loaded.notes.extend(validation.notes)
-    if not validation.sets:
-        return None  # nothing to validate (noted)
     for key in ("early_stopping_patience", "save_best_val"):
         if getattr(config, key) and not validation.held_out:
+            measured = " (only stabilize-train)" if validation.sets else ""
             problems.append(ConfigProblem(key, loaded.origins[key], f"needs a held-out validation set, and "
-                                          f"{config.validation_config} holds out none (only stabilize-train)."))
-    return validation
+                                          f"{config.validation_config} holds out none{measured}."))
+    return validation if validation.sets else None  # none: nothing to validate (noted)
 
 
 def read_prompts(config: TrainConfig, loaded: LoadedConfig, problems: list):
