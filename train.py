@@ -550,7 +550,7 @@ def write_schedule(run_dir: str, plan: RunPlan, epoch: int, batches: list) -> No
     from data.plan import batch_positions
     from data.report import schedule_lines
 
-    first_step = sum(plan.batches_per_epoch[:epoch])
+    first_step = sum(plan.batches_per_epoch[:epoch]) + 1  # steps count from 1, as in the logs and TensorBoard
     lines = schedule_lines(batches, plan.items, first_step, batch_positions(len(batches), plan.data_options))
     with open(os.path.join(run_dir, f"ep{epoch}_batch_schedule.txt"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")

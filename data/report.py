@@ -95,7 +95,8 @@ def _epoch_lines(items, options: PlanOptions, first_epoch: list[list[Sample]], b
 def schedule_lines(batches: list[list[Sample]], items, first_step: int,
                    positions: list[tuple[int, int]] | None = None) -> list[str]:
     """ep<N>_batch_schedule.txt: one JSON object per sample, in the epoch plan's order, with the step that
-    trains it and, with several processes, which process does (`positions`, data.plan.batch_positions)."""
+    trains it and, with several processes, which process does (`positions`, data.plan.batch_positions).
+    `first_step` is the step of the epoch's first batch."""
     positions = positions or [(0, offset) for offset in range(len(batches))]
     lines = []
     for batch, (process, offset) in zip(batches, positions, strict=True):

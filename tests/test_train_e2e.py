@@ -345,7 +345,7 @@ def test_dry_run_reports_the_data_and_writes_the_schedule_without_loading_a_mode
     assert sorted(p.name for p in run_dir.iterdir()) == ["dataset_report.txt", "ep0_batch_schedule.txt",
                                                          "run_info.json", "train_config.json"]
     lines = [json.loads(line) for line in (run_dir / "ep0_batch_schedule.txt").read_text().splitlines()]
-    assert len(lines) == 12 and {line["step"] for line in lines} == set(range(BATCHES_PER_EPOCH))
+    assert len(lines) == 12 and {line["step"] for line in lines} == set(range(1, BATCHES_PER_EPOCH + 1))
 
 
 def test_everydream2_data_conventions_train_end_to_end(tmp_path):
