@@ -759,7 +759,7 @@ def train_epochs(run: Run, stop) -> bool:
                          pin_memory=run.accelerator.device.type == "cuda",
                          tokenize=functools.partial(model.family.tokenize, model.tokenizer),
                          latent_cache=run.latent_cache, transforms=DataTransforms(plan.plugins))
-    meter, spikes = LossMeter(plan.config.batch_size), SpikeWatch()
+    meter, spikes = LossMeter(), SpikeWatch()
     progress = Progress(plan.config.max_epochs, plan.total_batches, run.accelerator.is_main_process, state.epoch,
                         state.global_step)
     if not state.global_step and run.samples.before_training():
@@ -779,7 +779,7 @@ def train_epochs(run: Run, stop) -> bool:
                                                plan, state, run.accelerator)
                 meter.grad_norms.update(grad_norms)
                 state.batch_in_epoch, state.global_step = index + 1, state.global_step + 1
-                state.elapsed_seconds += meter.add(loss)
+                state.elapsed_seconds += meter.add(loss, len(batch["indices"]))
                 progress.step(log_step(run, meter, spikes) if state.global_step % plan.config.log_step == 0 else None)
                 run.plugins.run("on_step_end", **hook_arguments(run, local_step=index, batch=batch, loss=(
                     None if loss is None or not run.plugins else loss.item())))
@@ -797,8 +797,9 @@ def train_epochs(run: Run, stop) -> bool:
             if state.batch_in_epoch < len(batches):  # stopped early within the epoch
                 return True
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            tracker.scalars(over_processes(meter.epoch_scalars(), meter.counts, run.accelerator), state.global_step)
-            log.info("epoch %d/%d: %s", state.epoch, plan.config.max_epochs, meter.epoch_summary())
+            epoch_values = over_processes(meter.epoch_scalars(), meter.counts, run.accelerator)
+            tracker.scalars(epoch_values, state.global_step)
+            log.info("epoch %d/%d: %s", state.epoch, plan.config.max_epochs, meter.epoch_summary(epoch_values))
             progress.epoch_done()
             run.plugins.run("on_epoch_end", **hook_arguments(run, epoch=state.epoch - 1))
             if early_stop:

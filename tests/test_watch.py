@@ -23,3 +23,24 @@ def test_a_spike_is_reported_once_after_the_warm_up():
     assert watch.add(9.0) is not None  # over 3 x the mean of the last five (2.8)
     assert watch.add(50.0) is None  # reported once only
     assert watch.add(float("nan")) is None
+
+
+def test_images_per_second_counts_the_images_that_trained_not_batch_size_times_batches(monkeypatch):
+    """Short last batches, unreadable images and the stand-ins of several processes train fewer images."""
+    import torch
+
+    from utils import loop_reports
+    from utils.loop_reports import LossMeter
+    from utils.loop_state import LoopState
+
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(loop_reports.time, "monotonic", lambda: next(clock))
+    meter = LossMeter()  # started at 0 s
+    meter.add(torch.tensor(0.5), 4)
+    meter.add(None, 0)  # a stand-in or an unreadable batch: nothing trained
+    meter.add(torch.tensor(0.7), 1)  # a leftover batch of one image
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    optimizer.param_groups[0]["name"] = "unet"
+    values = meter.log_step_scalars(optimizer, LoopState())  # at 4 s
+    assert values["performance/images per second"] == 5 / 4
+    assert abs(values["loss/log_step"] - 0.6) < 1e-6 and meter.counts["loss/log_step"] == 2

@@ -45,8 +45,8 @@ class LossMeter:
     Losses are kept as tensors and averaged when they are logged.
     """
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
+    def __init__(self):
+        self.images_since_log = 0  # images trained since the last log step (short and unreadable batches count less)
         self.since_log: list = []
         self.epoch: list = []
         self.grad_norms: dict = {}  # part -> norm at the latest optimizer step (log_grad_norm)
@@ -56,9 +56,11 @@ class LossMeter:
     def start_epoch(self) -> None:
         self.epoch, self.epoch_started = [], time.monotonic()
 
-    def add(self, loss) -> float:
-        """Record a batch's loss (None: nothing trained); the seconds since the previous batch."""
+    def add(self, loss, images: int) -> float:
+        """Record a batch's loss (None: nothing trained) and how many images it trained; the seconds since the
+        previous batch."""
         if loss is not None:
+            self.images_since_log += images
             self.since_log.append(loss)
             self.epoch.append(loss)
         now = time.monotonic()
@@ -77,13 +79,12 @@ class LossMeter:
         now = time.monotonic()
         self.counts["loss/log_step"] = len(self.since_log)
         values = {"loss/log_step": self._mean(self.since_log),
-                  "performance/images per second": len(self.since_log) * self.batch_size / max(now - self.log_started,
-                                                                                                1e-9)}
+                  "performance/images per second": self.images_since_log / max(now - self.log_started, 1e-9)}
         values.update({f"hyperparameter/lr {group['name']}": group["lr"] for group in optimizer.param_groups})
         values.update({GRAD_NORM_TAGS[name]: norm.item() for name, norm in self.grad_norms.items()})
         if state.nonfinite_batches:
             values["loss/nonfinite batches skipped"] = state.nonfinite_batches
-        self.since_log, self.log_started = [], now
+        self.since_log, self.images_since_log, self.log_started = [], 0, now
         return values
 
     @staticmethod
@@ -97,8 +98,10 @@ class LossMeter:
         return {"loss/epoch": self._mean(self.epoch),
                 "performance/minutes per epoch": (time.monotonic() - self.epoch_started) / 60}
 
-    def epoch_summary(self) -> str:
-        return f"mean loss {self._mean(self.epoch):.4f}, {(time.monotonic() - self.epoch_started) / 60:.2f} min"
+    @staticmethod
+    def epoch_summary(values: dict[str, float]) -> str:
+        """The console's epoch line, from the epoch's scalars (over every process)."""
+        return f"mean loss {values['loss/epoch']:.4f}, {values['performance/minutes per epoch']:.2f} min"
 
 
 def device_scalars(accelerator) -> dict[str, float]:
