@@ -89,7 +89,7 @@ def start_run(plan: RunPlan, accelerator) -> str | None:
                                   write_run_settings)
 
     if not accelerator.is_main_process:
-        setup_logging(None, main_process=False)
+        setup_logging(None, accelerator.process_index)
         return None
     if plan.resume:
         run_dir = plan.resume.run_dir
@@ -562,6 +562,8 @@ def dry_run(plan: RunPlan) -> int:
     from utils.models import load_tokenizer
     from utils.run_folder import SkipReport, create_run_folder, write_run_settings
 
+    if int(os.environ.get("RANK", "0")):  # launched on several processes: the first one reports
+        return 0
     if plan.resume:
         for line in plan.derived + [f"note: {note}" for note in run_info(plan)["notes"]]:
             print(f"  {line}")
@@ -716,8 +718,10 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
             if not train_epochs(run, stop):
                 if not resumable_save_at(run):  # a periodic save at this very step is as good, and done
                     save_checkpoint(run, "interrupted")
-                log.warning("stopped by %s at step %d; continue with: python train.py --resume_run %s",
-                            stop.requested.name, run.state.global_step, run_dir or "last")
+                if accelerator.is_main_process:
+                    how = "python train.py" if accelerator.num_processes == 1 else "the same launch command and"
+                    log.warning("stopped by %s at step %d; continue with: %s --resume_run %s",
+                                stop.requested.name, run.state.global_step, how, run_dir)
                 return stop.exit_code
             run.state.mark_saved()
             save_checkpoint(run, "final")
@@ -928,7 +932,7 @@ def validate_if_due(run: Run) -> bool:
         state.best_validation_loss = values[watched]
         if config.save_best_val and state.global_step:
             save_unless_the_disk_is_full(run, "best", "the next improvement tries again")
-    if stop:
+    if stop and run.accelerator.is_main_process:
         log.warning("early stopping at step %d: %s has not improved on its best (%.4f) for %d validations in a "
                     "row (early_stopping_patience)", state.global_step, watched, state.best_validation_loss,
                     state.validations_without_improvement)

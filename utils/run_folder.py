@@ -43,19 +43,19 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(run_dir: str | None, main_process: bool = True) -> None:
+def setup_logging(run_dir: str | None, process_index: int = 0) -> None:
     """Console (and `train.log` in the run folder, when given) at INFO level; processes other than the main
-    one of a multi-GPU run report warnings and errors only.
+    one of a multi-GPU run report warnings and errors only, each line marked `[process N]`.
 
     Libraries' own progress bars and chatter are turned down: the trainer reports what matters.
     """
     root = logging.getLogger()
-    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    root.setLevel(logging.WARNING if process_index else logging.INFO)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()  # an earlier run's train.log, when runs follow each other in one process
     console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(logging.Formatter(f"[process {process_index}] %(message)s" if process_index else "%(message)s"))
     root.addHandler(console)
     if run_dir:
         to_file = logging.FileHandler(os.path.join(run_dir, LOG_FILE), encoding="utf-8")
