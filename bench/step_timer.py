@@ -4,16 +4,21 @@
 
 Appends one line per step to the file named by BENCH_STEP_TIMES: `time.perf_counter()` (s) and the global
 step. On CUDA it first waits for the GPU, so that a timestamp marks the end of the step's work rather than
-the end of its queueing (the trainer already waits once per step, for the loss). At the end it adds a
-`# peak_cuda_memory_bytes N` line on CUDA. Without BENCH_STEP_TIMES it does nothing.
+the end of its queueing (the trainer already waits once per step, for the loss). At the end it adds the
+process's peak memory: a `# peak_cuda_memory_bytes N` line on CUDA, a `# peak_rss_bytes N` line otherwise.
+Without BENCH_STEP_TIMES it does nothing.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import time
 
 ENV_VAR = "BENCH_STEP_TIMES"
+PEAK_KINDS = {"peak_cuda_memory_bytes": "torch.cuda.max_memory_allocated",
+              "peak_rss_bytes": "peak RSS of the train.py process"}
 
 
 class StepTimer:
@@ -39,8 +44,28 @@ class StepTimer:
         import torch
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(f"# peak_cuda_memory_bytes {torch.cuda.max_memory_allocated()}\n")
+            line = f"# peak_cuda_memory_bytes {torch.cuda.max_memory_allocated()}"
+        else:
+            line = f"# peak_rss_bytes {peak_rss_bytes()}"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program.
+
+    On Linux from /proc (VmHWM): getrusage's ru_maxrss would also count the memory of the process that
+    started it, which a child inherits at fork and keeps across exec (the benchmark's own model).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes elsewhere
 
 
 def _synchronize_cuda() -> None:
@@ -50,13 +75,15 @@ def _synchronize_cuda() -> None:
         torch.cuda.synchronize()
 
 
-def read_step_times(path: str) -> tuple[list[float], int | None]:
-    """The timestamps (s) of a StepTimer file, in order, and the peak CUDA memory (bytes) when recorded."""
-    times, peak = [], None
+def read_step_times(path: str) -> tuple[list[float], int | None, str | None]:
+    """The timestamps (s) of a StepTimer file, in order; the peak memory (bytes) recorded at the end, and how it
+    was measured (None, None if the run did not end)."""
+    times, peak, kind = [], None, None
     with open(path, encoding="utf-8") as handle:
         for line in handle:
-            if line.startswith("# peak_cuda_memory_bytes"):
-                peak = int(line.split()[-1])
-            elif line.strip() and not line.startswith("#"):
+            if line.startswith("#"):
+                key, value = line[1:].split()
+                peak, kind = int(value), PEAK_KINDS[key]
+            elif line.strip():
                 times.append(float(line.split()[0]))
-    return times, peak
+    return times, peak, kind

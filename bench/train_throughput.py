@@ -13,9 +13,13 @@
    attention (SDPA) and without gradient checkpointing: the model FLOPs (matmuls, convolutions, attention;
    norms and elementwise ops are not counted). With --gradient_checkpointing the step is counted again as
    executed (its recomputed forward included). MFU = model FLOPs / median step time / the device's peak.
-3. --full (tiny model only): the trainer's real loop, `train.py` in a subprocess with the same settings on
-   copies of the bundled square example images (so every batch is resolution x resolution, as in the bare
-   step), timed by the bench/step_timer.py plugin; the ratio full/bare is the trainer's overhead.
+3. --full: the trainer's real loop, `train.py` in a subprocess with the same settings, on the same model saved
+   as a diffusers folder and on square images of exactly the resolution (bench/workload.py: every batch has
+   the bare step's shape), timed by the bench/step_timer.py plugin; the ratio full/bare is the trainer's
+   overhead.
+4. --diffusers_example PATH: diffusers' train_text_to_image.py itself, on the same model folder and images
+   (bench/diffusers_example.py), timed from its TensorBoard events; with --full, the ratio example/full is
+   the trainer's speed-up over it.
 
 Prints a markdown table with the command, the machine and the date, ready for doc/PERFORMANCE.md.
 """
@@ -27,9 +31,7 @@ import contextlib
 import datetime
 import os
 import platform
-import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -138,21 +140,10 @@ class BareResult(Measurement):
 
 def load_parts(model: str, device: str, seed: int) -> dict:
     """unet, vae, text_encoder (fp32, on device), the training noise scheduler, and the prediction type."""
-    from diffusers import DDPMScheduler
+    from bench.workload import model_components
 
-    if model == "tiny":
-        from utils.tiny_model import build_tiny_components
-
-        parts = build_tiny_components()
-        modules = {name: parts[name].to(device) for name in ("unet", "vae", "text_encoder")}
-        return dict(modules, scheduler=parts["scheduler"], prediction_type="epsilon")
-    from utils.architectures import ARCHITECTURES, build_random_components
-
-    modules = build_random_components(model, device, seed)
-    prediction_type = ARCHITECTURES[model].prediction_type
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type)
-    return dict(modules, scheduler=scheduler, prediction_type=prediction_type)
+    parts = model_components(model, device, seed)
+    return dict(parts, prediction_type=parts["scheduler"].config.prediction_type)
 
 
 def set_attention(unet, attention: str) -> None:
@@ -366,31 +357,30 @@ def measure_bare(settings: Settings) -> BareResult:
 # The trainer's loop (--full)
 # -------------------------------------------------------------------------------------------------
 
-def write_square_examples(folder: str, images: int) -> int:
-    """`images` copies of the bundled square example images in `folder` (named for their captions); how many
-    distinct images they copy."""
-    from PIL import Image
+@dataclass(frozen=True)
+class Workload:
+    """What the trainers timed besides the bare step train on: one model folder, one image folder."""
 
-    source = os.path.join(REPO_ROOT, "examples", "images")
-    squares = []
-    for name in sorted(os.listdir(source)):
-        path = os.path.join(source, name)
-        if name.lower().endswith((".png", ".jpg", ".jpeg")):
-            with Image.open(path) as image:
-                if image.width == image.height:
-                    squares.append(path)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(images):
-        path = squares[i % len(squares)]
-        stem, extension = os.path.splitext(os.path.basename(path))
-        stem = re.sub(r"_\(\d+\)$", "", stem)
-        shutil.copyfile(path, os.path.join(folder, f"{stem}_({i}){extension}"))
-    return len(squares)
+    folder: str  # a temporary folder holding both, and the trainers' outputs
+    model_folder: str
+    data_folder: str
 
 
-def train_command(settings: Settings, data_root: str, logdir: str) -> list[str]:
+def write_workload(settings: Settings, folder: str) -> Workload:
+    """The model of `settings` as a diffusers folder and enough images for warmup + steps + 1 steps of one
+    epoch, in `folder`."""
+    from bench.workload import write_model_folder, write_training_images
+
+    model_folder = write_model_folder(settings.model, os.path.join(folder, "model"), settings.seed)
+    data_folder = os.path.join(folder, "data")
+    write_training_images(data_folder, (settings.warmup + settings.steps + 1) * settings.batch, settings.resolution,
+                          settings.seed)
+    return Workload(folder, model_folder, data_folder)
+
+
+def train_command(settings: Settings, model_folder: str, data_root: str, logdir: str) -> list[str]:
     """train.py's command line for the same training as the bare step, with nothing else in the loop."""
-    command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--resume_ckpt", "builtin:tiny",
+    command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--resume_ckpt", model_folder,
                "--data_root", data_root, "--logdir", logdir, "--project_name", "bench",
                "--resolution", str(settings.resolution), "--batch_size", str(settings.batch), "--grad_accum", "1",
                "--max_epochs", "1", "--lr", str(LEARNING_RATE), "--flip_p", "0",
@@ -409,27 +399,30 @@ def train_command(settings: Settings, data_root: str, logdir: str) -> list[str]:
     return command
 
 
-def measure_full(settings: Settings, workdir: str | None = None) -> Measurement:
-    """Run train.py on the tiny model for warmup + steps + 1 steps; the step times are the gaps between
-    consecutive step ends, after the warm-up."""
+def process_environment(settings: Settings) -> dict:
+    """The environment of a trainer run in a subprocess: the device and thread count of `settings`."""
+    env = dict(os.environ)
+    if settings.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the trainers take the GPU whenever they see one
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
+    return env
+
+
+def measure_full(settings: Settings, workload: Workload) -> Measurement:
+    """Run train.py for warmup + steps + 1 steps; the step times are the gaps between consecutive step ends,
+    after the warm-up."""
     from bench.step_timer import ENV_VAR, read_step_times
 
-    if settings.model != "tiny":
-        raise SystemExit("--full runs train.py on the tiny model only: use --model tiny")
     if settings.compile:
         raise SystemExit("--full: train.py has no torch.compile option; leave out --compile")
     if settings.device == "cpu" and settings.precision != "fp32":
         raise SystemExit("--full on the CPU: train.py trains in fp32 there; use --precision fp32")
-    with tempfile.TemporaryDirectory(prefix="bench_train_", dir=workdir) as folder:
+    with tempfile.TemporaryDirectory(prefix="train_py_", dir=workload.folder) as folder:
         steps_needed = settings.warmup + settings.steps + 1
-        write_square_examples(os.path.join(folder, "data"), steps_needed * settings.batch)
         times_path = os.path.join(folder, "step_times.txt")
-        env = dict(os.environ, **{ENV_VAR: times_path})
-        if settings.device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes the GPU whenever it sees one
-        if settings.threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
-        command = train_command(settings, os.path.join(folder, "data"), os.path.join(folder, "logs"))
+        env = dict(process_environment(settings), **{ENV_VAR: times_path})
+        command = train_command(settings, workload.model_folder, workload.data_folder, os.path.join(folder, "logs"))
         completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         if completed.returncode != 0:
             output = (completed.stdout + completed.stderr)[-4000:]
@@ -437,15 +430,12 @@ def measure_full(settings: Settings, workdir: str | None = None) -> Measurement:
         if not os.path.exists(times_path):
             raise SystemExit("train.py ran but the StepTimer plugin wrote nothing: does this train.py call plugins' "
                              f"on_step_end?\n{completed.stderr[-2000:]}")
-        times, cuda_peak = read_step_times(times_path)
+        times, peak, peak_kind = read_step_times(times_path)
     if len(times) < steps_needed:
         raise SystemExit(f"train.py timed {len(times)} steps, fewer than the {steps_needed} asked for")
     gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-    timed = gaps[settings.warmup:settings.warmup + settings.steps]
-    if cuda_peak is not None:
-        return Measurement(timed, settings.batch, cuda_peak, "torch.cuda.max_memory_allocated")
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return Measurement(timed, settings.batch, rss, "peak RSS of the train.py process")
+    return Measurement(gaps[settings.warmup:settings.warmup + settings.steps], settings.batch, peak,
+                       peak_kind or "not recorded")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -501,20 +491,22 @@ def flop_text(value: float) -> str:
     return f"{value / 1e12:.3f} TFLOP" if value >= 1e11 else f"{value / 1e9:.2f} GFLOP"
 
 
-def result_row(what: str, result: Measurement, flops: int, peak: float | None) -> str:
-    achieved = flops / result.median_seconds / 1e12
-    mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
+def result_row(what: str, result: Measurement, flops: int | None, peak: float | None) -> str:
+    """A table row; `flops` None: the loop's FLOPs per step are not known (no TFLOPS, no MFU)."""
+    achieved = flops / result.median_seconds / 1e12 if flops else None
+    mfu = f"{100 * achieved / peak:.1f}%" if peak and achieved else "n/a"
     spread = f"{min(result.step_seconds) * 1e3:.1f}-{max(result.step_seconds) * 1e3:.1f}"
     return (f"| {what} | {result.median_seconds * 1e3:.1f} ({spread}) | {result.images_per_second:.2f} | "
-            f"{gigabytes(result.peak_memory_bytes)} | {achieved:.3f} | {mfu} |")
+            f"{gigabytes(result.peak_memory_bytes)} | {'n/a' if achieved is None else f'{achieved:.3f}'} | {mfu} |")
 
 
 def report(command: str, settings: Settings, bare: BareResult, full: Measurement | None, peak: float | None,
-           peak_origin: str, load_before: float | None = None, ratios: list[float] | None = None) -> str:
+           peak_origin: str, load_before: float | None = None, ratios: list[float] | None = None,
+           example: Measurement | None = None, example_origin: str = "") -> str:
     """The markdown for doc/PERFORMANCE.md: command and date, machine, setting, the table, the FLOPs."""
     lines = [f"`{command.strip()}`, {datetime.date.today().isoformat()}", "",
              f"Machine: {machine(settings.device, load_before)}; {versions()}.", "",
-             f"Setting: {settings.describe()}. {rounds_text(settings, len(bare.step_seconds), full is not None)}",
+             f"Setting: {settings.describe()}. {rounds_text(settings, len(bare.step_seconds), bool(full or example))}",
              "",
              "| loop | ms/step | images/s | peak memory | achieved TFLOPS (model FLOPs) | MFU |",
              "|---|---|---|---|---|---|",
@@ -525,6 +517,14 @@ def report(command: str, settings: Settings, bare: BareResult, full: Measurement
         rounds = (f"; per round (bare, then full): {', '.join(f'{r:.3f}x' for r in ratios)}, median "
                   f"{statistics.median(ratios):.3f}x" if ratios and len(ratios) > 1 else "")
         lines.append(f"| overhead full / bare | {ratio:.3f}x (medians of all steps{rounds}) | | | | |")
+    if example is not None:
+        # With cache_latents the bare step counts no VAE encode, which the example still does at every step.
+        lines.append(result_row("diffusers example (train_text_to_image.py, TensorBoard wall times)", example,
+                                None if settings.cache_latents else bare.model_flops, peak))
+        if full is not None:
+            lines.append(f"| speed-up of train.py over the example | "
+                         f"{example.median_seconds / full.median_seconds:.3f}x (example / full, medians of all steps)"
+                         " | | | | |")
     phases = ", ".join(f"{name} {flop_text(value)}" for name, value in bare.flops.items())
     per_image = bare.model_flops / settings.batch
     lines += ["", f"Model FLOPs per step (torch.utils.flop_counter.FlopCounterMode over one step, SDPA counted as "
@@ -538,20 +538,30 @@ def report(command: str, settings: Settings, bare: BareResult, full: Measurement
                  + (f" (full step: {full.memory_kind})." if full else "."))
     if settings.attention == "xformers":
         lines.append("xformers' kernels are invisible to FlopCounterMode: the FLOPs were counted with SDPA.")
-    if full is not None:
-        lines.append("The full step's MFU uses the bare step's FLOPs (the same model, batch and resolution). "
-                     "Full-step times are the gaps between consecutive step ends (the plugin waits for the GPU).")
-    lines += ["", why_the_diffusers_example_was_not_run()]
+    if full is not None or example is not None:
+        lines.append("The full step's and the example's MFU use the bare step's FLOPs (the same model, batch and "
+                     "resolution). Their step times are the gaps between consecutive step ends (the StepTimer "
+                     "plugin waits for the GPU; the example waits for its loss every step).")
+    if example is not None:
+        lines.append(f"The example: {example_origin}. It trains the UNet only, with the frozen VAE and text encoder "
+                     "cast to the compute precision, and loads its data in the main process."
+                     + (" It has no latent cache: it encodes every image at every step, so its FLOPs are not the "
+                        "bare step's and its MFU is not given." if settings.cache_latents else ""))
+    else:
+        lines += ["", why_the_diffusers_example_was_not_run()]
     return "\n".join(lines)
 
 
-def rounds_text(settings: Settings, timed: int, full: bool) -> str:
+def rounds_text(settings: Settings, timed: int, others: bool) -> str:
     rounds = timed // settings.steps
     each = f"{settings.steps} steps after {settings.warmup} warm-up steps"
     if rounds == 1:
         return f"Median of {each} (range in brackets)."
-    alternated = ", the bare and the full step alternated" if full else ""
-    return f"Median of {rounds} rounds of {each}{alternated} (range in brackets)."
+    order = ""
+    if others:
+        order = (", the loops alternated" if settings.model == "tiny"
+                 else ", the bare step's rounds first, then the trainers' (the bare step released in between)")
+    return f"Median of {rounds} rounds of {each}{order} (range in brackets)."
 
 
 def why_the_diffusers_example_was_not_run() -> str:
@@ -560,10 +570,10 @@ def why_the_diffusers_example_was_not_run() -> str:
 
     missing = [name for name in ("torchvision", "datasets") if importlib.util.find_spec(name) is None]
     needs = (f"; it also needs {' and '.join(missing)}, not installed here" if missing else "")
-    return (f"{DIFFUSERS_EXAMPLE} was not run: it is not part of the diffusers pip package, only of diffusers' git "
-            f"repository, which this bench does not fetch{needs}. The bare step is that script's inner training "
-            "loop (VAE encode, noise, add_noise, text encode, UNet, MSE, backward, AdamW step, zero_grad), written "
-            "out and run on one fixed batch.")
+    return (f"{DIFFUSERS_EXAMPLE} was not run: it is not part of the diffusers pip package; give its path from a "
+            f"checkout of diffusers' repository with --diffusers_example{needs}. The bare step is that script's "
+            "inner training loop (VAE encode, noise, add_noise, text encode, UNet, MSE, backward, AdamW step, "
+            "zero_grad), written out and run on one fixed batch.")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -591,10 +601,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOPS for MFU (default: the built-in table on CUDA; none on CPU)")
     parser.add_argument("--full", action="store_true",
-                        help="also time train.py's real loop with the same settings (tiny model) and print the ratio")
+                        help="also time train.py's real loop with the same settings and print the ratio")
+    parser.add_argument("--diffusers_example", metavar="PATH", default=None,
+                        help="also time diffusers' examples/text_to_image/train_text_to_image.py (its path in a "
+                             "checkout of diffusers; needs torchvision and datasets) on the same model and images")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of timing, alternating the bare and the full step (default 1)")
-    parser.add_argument("--workdir", default=None, help="folder for --full's temporary files (default: the system's)")
+                        help="rounds of timing, alternating the bare step, the full step and the example (default 1)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for the temporary model, images and runs of --full and --diffusers_example "
+                             "(default: the system's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch, here and in train.py (default: torch's, one per core)")
     parser.add_argument("--seed", type=int, default=0)
@@ -608,32 +623,87 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit("--full: train.py trains at a multiple of 64 from 256 to 2048 px")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    return Settings(model=args.model, resolution=args.resolution, batch=args.batch, steps=args.steps,
-                    warmup=args.warmup, precision=args.precision, attention=args.attention,
-                    gradient_checkpointing=args.gradient_checkpointing, train_text_encoder=args.train_text_encoder,
-                    cache_latents=args.cache_latents, compile=args.compile, optimizer=args.optimizer,
-                    device=args.device, seed=args.seed, threads=args.threads)
+    settings = Settings(model=args.model, resolution=args.resolution, batch=args.batch, steps=args.steps,
+                        warmup=args.warmup, precision=args.precision, attention=args.attention,
+                        gradient_checkpointing=args.gradient_checkpointing, train_text_encoder=args.train_text_encoder,
+                        cache_latents=args.cache_latents, compile=args.compile, optimizer=args.optimizer,
+                        device=args.device, seed=args.seed, threads=args.threads)
+    if args.diffusers_example:
+        from bench.diffusers_example import unsupported
+
+        if not os.path.isfile(args.diffusers_example):
+            raise SystemExit(f"--diffusers_example: {args.diffusers_example} is not a file: give the path of "
+                             "examples/text_to_image/train_text_to_image.py in a checkout of diffusers")
+        why = unsupported(settings)
+        if why:
+            raise SystemExit(f"--diffusers_example: {why}")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench.diffusers_example import describe
+
     args = parse_args(argv)
     settings = settings_from(args)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     bare, flops, executed = prepare_bare(settings)
-    bare_rounds, full_rounds = [], []
-    for _ in range(args.repeats):  # alternated, so that other work on the machine slows both alike
-        bare_rounds.append(time_bare(bare, settings))
-        if args.full:
-            full_rounds.append(measure_full(settings, args.workdir))
-    bare_measured = bare_result(bare, settings, [s for round_ in bare_rounds for s in round_], flops, executed)
-    full = None
-    if full_rounds:
-        full = Measurement([s for round_ in full_rounds for s in round_.step_seconds], settings.batch,
-                           max(round_.peak_memory_bytes for round_ in full_rounds), full_rounds[0].memory_kind)
-    ratios = [statistics.median(f.step_seconds) / statistics.median(b) for b, f in zip(bare_rounds, full_rounds)]
+    bare_rounds, others = [], []
+    # The tiny model's rounds alternate the loops, so that other work on the machine slows each alike. A real
+    # model's bare step is timed first and released, so that the trainers don't share the device with it.
+    alternate = settings.model == "tiny"
+    with tempfile.TemporaryDirectory(prefix="bench_train_", dir=args.workdir) as folder:
+        workload = write_workload(settings, folder) if args.full or args.diffusers_example else None
+        for _ in range(args.repeats):
+            bare_rounds.append(time_bare(bare, settings))
+            if alternate:
+                others.append(time_trainers(settings, args, workload))
+        bare_measured = bare_result(bare, settings, [s for round_ in bare_rounds for s in round_], flops, executed)
+        if not alternate:
+            release(bare)
+            del bare
+            others = [time_trainers(settings, args, workload) for _ in range(args.repeats)]
+    full, example = merged([f for f, _ in others if f]), merged([e for _, e in others if e])
+    ratios = [statistics.median(f.step_seconds) / statistics.median(b)
+              for b, (f, _) in zip(bare_rounds, others) if f] if alternate else []
     peak, origin = peak_tflops(settings.device, settings.precision, args.peak_tflops)
     command = "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(report(command, settings, bare_measured, full, peak, origin, load_before, ratios))
+    print(report(command, settings, bare_measured, full, peak, origin, load_before, ratios, example,
+                 describe(args.diffusers_example) if example else ""))
+
+
+def time_trainers(settings: Settings, args: argparse.Namespace,
+                  workload: Workload | None) -> tuple[Measurement | None, Measurement | None]:
+    """One round of train.py (--full) and of diffusers' example (--diffusers_example), each when asked for."""
+    from bench.diffusers_example import time_example
+
+    full = measure_full(settings, workload) if args.full else None
+    example = None
+    if args.diffusers_example:
+        seconds = time_example(settings, args.diffusers_example, workload.model_folder, workload.data_folder,
+                               workload.folder, process_environment(settings), LEARNING_RATE)
+        example = Measurement(seconds, settings.batch, None, "not measured (its own process)")
+    return full, example
+
+
+def release(bare: BareStep) -> None:
+    """Free the device memory the bare step holds (its models, gradients and optimizer state)."""
+    import gc
+
+    bare.accelerator.free_memory()  # the accelerator's own references to what it prepared
+    for name in ("unet", "text_encoder", "vae", "optimizer", "lr_scheduler", "plain", "pixels", "latents"):
+        setattr(bare, name, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def merged(rounds: list[Measurement]) -> Measurement | None:
+    """The rounds' step times as one measurement, with the highest peak memory; None without rounds."""
+    if not rounds:
+        return None
+    peaks = [round_.peak_memory_bytes for round_ in rounds if round_.peak_memory_bytes is not None]
+    return Measurement([s for round_ in rounds for s in round_.step_seconds], rounds[0].batch,
+                       max(peaks) if peaks else None, rounds[0].memory_kind)
 
 
 if __name__ == "__main__":

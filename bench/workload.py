@@ -1,0 +1,73 @@
+"""The benchmarks' workload, the same for every trainer timed: a model folder and a folder of training images.
+
+- `model_components(model)`: the tiny model (the trainer's builtin:tiny) or SD 1.5 / 2.1's architecture with
+  random weights (utils/architectures.py), with a tokenizer and the model's training noise schedule. The real
+  architectures get the tiny model's CLIP tokenizer: its token ids are all within their vocabularies, and the
+  timings do not depend on which words the ids stand for. Nothing is downloaded.
+- `write_model_folder`: those components as a diffusers pipeline folder, which train.py (`resume_ckpt`) and
+  diffusers' example scripts (`--pretrained_model_name_or_path`) both load.
+- `write_training_images`: square JPEGs of exactly the training resolution, captioned in their file names
+  (train.py) and in a `metadata.jsonl` (the `datasets` imagefolder that diffusers' examples read), so that
+  every batch of every trainer has the same shape and no image needs a resize.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+CAPTIONS = ("a red circle on a blue background", "a yellow square on a green background",
+            "orange stripes on a white wall", "a green tree on a hill under a blue sky")
+METADATA_FILE = "metadata.jsonl"  # the imagefolder's captions: {"file_name": ..., "text": ...} per line
+
+
+def model_components(model: str, device: str | torch.device = "cpu", seed: int = 0) -> dict:
+    """unet, vae, text_encoder (fp32, on `device`), tokenizer, and scheduler (the training noise schedule)."""
+    from diffusers import DDPMScheduler
+
+    from utils.tiny_model import build_tiny_components, build_tiny_tokenizer
+
+    if model == "tiny":
+        parts = build_tiny_components()
+        return dict(parts, **{name: parts[name].to(device) for name in ("unet", "vae", "text_encoder")})
+    from utils.architectures import ARCHITECTURES, build_random_components
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
+                              prediction_type=ARCHITECTURES[model].prediction_type)
+    return dict(build_random_components(model, device, seed), tokenizer=build_tiny_tokenizer(), scheduler=scheduler)
+
+
+def write_model_folder(model: str, folder: str, seed: int = 0) -> str:
+    """`model`'s components (model_components) saved as a diffusers StableDiffusionPipeline folder; `folder`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(**model_components(model, "cpu", seed), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_training_images(folder: str, count: int, resolution: int, seed: int = 0) -> list[dict]:
+    """`count` different resolution x resolution JPEGs in `folder`, each captioned in its file name (everything
+    from the first `_` is ignored) and in `folder`/metadata.jsonl; the metadata records, in order."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    generator = np.random.default_rng(seed)
+    ramp = np.linspace(0.0, 1.0, resolution, dtype=np.float32)
+    records = []
+    for index in range(count):
+        caption = CAPTIONS[index % len(CAPTIONS)]
+        colours = generator.uniform(0, 255, size=(2, 3)).astype(np.float32)
+        gradient = ramp[None, :, None] * colours[0] + ramp[::-1, None, None] * colours[1]  # a photo's smooth areas
+        pixels = np.clip(gradient / 2 + generator.normal(0, 12, (resolution, resolution, 3)), 0, 255)  # and grain
+        name = f"{caption}_({index}).jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, name), quality=90)
+        records.append({"file_name": name, "text": caption})
+    with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    return records
