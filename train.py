@@ -48,9 +48,17 @@ def make_accelerator(plan: RunPlan):
 
         handlers.append(GradScalerKwargs(**GRAD_SCALER_START))
     handlers += multi_process_settings(config)
+    # torch.compile is not used: on the CPU it was slower and took minutes to compile, and on GPUs it is
+    # unmeasured (doc/PERFORMANCE.md, "torch.compile"). An accelerate config that asks for it
+    # (ACCELERATE_DYNAMO_BACKEND, set by `accelerate launch --dynamo_backend`) would compile the trained
+    # modules, and recompile them for every bucket, untested: it is turned off, and said so.
+    dynamo_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    if dynamo_backend.lower() != "no":
+        log.warning("note: accelerate's dynamo_backend (%s) is ignored: train.py does not torch.compile its models "
+                    "(doc/PERFORMANCE.md)", dynamo_backend)
     # cpu=True without CUDA: several processes then train on the CPU with gloo (tests, and a launch on a
     # machine without GPUs) instead of each training alone.
-    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not cuda)
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not cuda, dynamo_backend="no")
     if accelerator.num_processes != plan.data_options.processes:
         raise ConfigError([ConfigProblem("launch", "command line", (
             f"{accelerator.num_processes} processes, but WORLD_SIZE says {plan.data_options.processes}: launch "

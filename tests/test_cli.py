@@ -145,3 +145,23 @@ def test_a_missing_optional_package_is_a_config_error(monkeypatch):
         raise AssertionError("no ConfigError")
     assert any("optimizer" in m and "pip install bitsandbytes" in m for m in messages)
     assert any("attn_type" in m and "pip install xformers" in m for m in messages)
+
+
+def test_an_accelerate_config_that_asks_for_torch_compile_is_turned_off_and_said_so(monkeypatch, caplog):
+    """`accelerate launch --dynamo_backend inductor` (or a config with dynamo on) would compile the trained
+    modules through accelerate's prepare(); train.py does not compile, and says so."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DynamoBackend
+
+    import train
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    plan = train.plan_run(["--config", "train.json"])
+    AcceleratorState._reset_state(True)  # the state is per process: other tests' accelerators set it
+    try:
+        accelerator = train.make_accelerator(plan)
+        assert accelerator.state.dynamo_plugin.backend == DynamoBackend.NO
+    finally:
+        AcceleratorState._reset_state(True)
+    assert "dynamo_backend (INDUCTOR) is ignored" in caplog.text
