@@ -95,3 +95,34 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     two, one = scalars(run_dir, "loss/stabilize-train"), scalars(one_process_run, "loss/stabilize-train")
     assert [step for step, _ in two] == [0, 4, 8] and [step for step, _ in one] == [0, 7]
     assert two[0][1] == pytest.approx(one[0][1], rel=1e-6)
+
+
+def launch_two(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """accelerate launch with two processes on the CPU (gloo)."""
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same_launch_resumes(tmp_path):
+    """Process 1 raises at step 6. Process 0 learns of it from gloo (the connection closed) and keeps the
+    weights at the error (errored-); the launcher ends the run. The periodic save of epoch 1 (step 4) is
+    intact, and the same launch with --resume_run continues from it to the end."""
+    settings = ("--config", "train.json", "--max_epochs", "3", "--save_every_n_epochs", "1", "--no_save_ckpt",
+                "true", "--sample_prompts", "null", "--logdir", str(tmp_path / "logs"))
+    failed = launch_two("tests/error_injection.py", *settings, env={**os.environ, "ERROR_AT_STEP": "6"})
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0, output
+    assert "[process 1] training failed at step 6" in output and "RuntimeError: injected failure at step 6" in output
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    assert sorted(p.name for p in (run_dir / "ckpts").iterdir()) == ["demo-ep01-gs00004", "errored-demo-ep01-gs00006"]
+
+    resumed = launch_two("train.py", "--resume_run", str(run_dir), env=dict(os.environ))
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output
+    assert "demo-ep01-gs00004" in output  # where it continued from
+    checkpoints = sorted(p.name for p in (run_dir / "ckpts").iterdir())
+    assert "last-demo-ep03-gs00012" in checkpoints and not any(name.startswith(".tmp-") for name in checkpoints)
+    losses = scalars(run_dir, "loss/log_step")
+    assert [step for step, _ in losses] == [5, 10]  # log_step 5, one curve over both sessions

@@ -38,9 +38,9 @@ class StopRequests:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a save
             return
         self.requested = signal.Signals(number)
-        log.warning("%s: finishing this optimizer step, then saving an interrupted- checkpoint to resume from "
-                    "(python train.py --resume_run last). Press Ctrl-C again to stop at once without saving.",
-                    self.requested.name)
+        # The command that resumes is printed once the checkpoint is saved (it differs under a launcher).
+        log.warning("%s: finishing this optimizer step, then saving an interrupted- checkpoint to resume from. "
+                    "Press Ctrl-C again to stop at once without saving.", self.requested.name)
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:

@@ -1,0 +1,23 @@
+"""train.py with an exception raised on process 1 at step $ERROR_AT_STEP: what a multi-process run does when one
+process fails (tests/test_multiprocess.py launches it with accelerate)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+
+original_train_step = train.train_step
+
+
+def train_step(trainee, batch, config, global_step, accelerator):
+    if accelerator.process_index == 1 and global_step == int(os.environ.get("ERROR_AT_STEP", "-1")):
+        raise RuntimeError(f"injected failure at step {global_step}")
+    return original_train_step(trainee, batch, config, global_step, accelerator)
+
+
+train.train_step = train_step
+
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv[1:]))
