@@ -348,6 +348,13 @@ def test_dry_run_reports_the_data_and_writes_the_schedule_without_loading_a_mode
     assert len(lines) == 12 and {line["step"] for line in lines} == set(range(1, BATCHES_PER_EPOCH + 1))
 
 
+def test_a_dry_run_under_a_launcher_reports_once(tmp_path, monkeypatch):
+    """accelerate launch --num_processes N ... --dry_run: the process of rank 0 reports, the others exit."""
+    monkeypatch.setenv("RANK", "1")
+    result = run_train("--config", "train.json", "--dry_run", "--logdir", str(tmp_path / "logs"), in_process=True)
+    assert "Dataset report" not in result.stdout + result.stderr and not (tmp_path / "logs").exists()
+
+
 def test_everydream2_data_conventions_train_end_to_end(tmp_path):
     """Folder files, a YAML sidecar, a manifest, an undersized image and write_schedule in one real run: the
     schedule's captions are what trained, the multiplied epoch sets the step count, the records are written."""
