@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
+
+from bench.workload import run_trainer, timed_steps
 
 LOSS_TAG = "train_loss"  # logged by the example at every optimizer step
 NEVER = str(10**9)  # steps: no checkpoint during the timing
@@ -81,16 +82,8 @@ def time_example(settings, script: str, model_folder: str, data_folder: str, wor
     shutil.rmtree(output_folder, ignore_errors=True)  # an earlier round's events
     command = example_command(settings, script, model_folder, data_folder, output_folder, learning_rate)
     env = dict(env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # everything it needs is on disk
-    completed = subprocess.run(command, env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        output = (completed.stdout + completed.stderr)[-4000:]
-        raise SystemExit(f"{script} failed (exit code {completed.returncode}):\n{output}\n{' '.join(command)}")
-    times = logged_step_times(output_folder)
-    steps_needed = settings.warmup + settings.steps + 1
-    if len(times) < steps_needed:
-        raise SystemExit(f"{script} logged {len(times)} steps of {LOSS_TAG}, fewer than the {steps_needed} asked for")
-    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-    return gaps[settings.warmup:settings.warmup + settings.steps]
+    run_trainer(command, env, script)
+    return timed_steps(logged_step_times(output_folder), settings.warmup, settings.steps, f"{script} ({LOSS_TAG})")
 
 
 def describe(script: str) -> str:

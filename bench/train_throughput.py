@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -413,28 +412,22 @@ def measure_full(settings: Settings, workload: Workload) -> Measurement:
     """Run train.py for warmup + steps + 1 steps; the step times are the gaps between consecutive step ends,
     after the warm-up."""
     from bench.step_timer import ENV_VAR, read_step_times
+    from bench.workload import run_trainer, timed_steps
 
     if settings.compile:
         raise SystemExit("--full: train.py has no torch.compile option; leave out --compile")
     if settings.device == "cpu" and settings.precision != "fp32":
         raise SystemExit("--full on the CPU: train.py trains in fp32 there; use --precision fp32")
     with tempfile.TemporaryDirectory(prefix="train_py_", dir=workload.folder) as folder:
-        steps_needed = settings.warmup + settings.steps + 1
         times_path = os.path.join(folder, "step_times.txt")
         env = dict(process_environment(settings), **{ENV_VAR: times_path})
         command = train_command(settings, workload.model_folder, workload.data_folder, os.path.join(folder, "logs"))
-        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-        if completed.returncode != 0:
-            output = (completed.stdout + completed.stderr)[-4000:]
-            raise SystemExit(f"train.py failed (exit code {completed.returncode}):\n{output}\n{' '.join(command)}")
+        completed = run_trainer(command, env, "train.py", cwd=REPO_ROOT)
         if not os.path.exists(times_path):
             raise SystemExit("train.py ran but the StepTimer plugin wrote nothing: does this train.py call plugins' "
                              f"on_step_end?\n{completed.stderr[-2000:]}")
         times, peak, peak_kind = read_step_times(times_path)
-    if len(times) < steps_needed:
-        raise SystemExit(f"train.py timed {len(times)} steps, fewer than the {steps_needed} asked for")
-    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-    return Measurement(gaps[settings.warmup:settings.warmup + settings.steps], settings.batch, peak,
+    return Measurement(timed_steps(times, settings.warmup, settings.steps, "train.py"), settings.batch, peak,
                        peak_kind or "not recorded")
 
 

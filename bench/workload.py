@@ -9,12 +9,15 @@
 - `write_training_images`: square JPEGs of exactly the training resolution, captioned in their file names
   (train.py) and in a `metadata.jsonl` (the `datasets` imagefolder that diffusers' examples read), so that
   every batch of every trainer has the same shape and no image needs a resize.
+- `run_trainer` and `timed_steps`: how each trainer runs on it, in its own process, and which of its step
+  ends are timed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import torch
@@ -71,3 +74,21 @@ def write_training_images(folder: str, count: int, resolution: int, seed: int = 
     with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
     return records
+
+
+def run_trainer(command: list[str], env: dict, name: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run a trainer to its end; a failure stops the benchmark with the end of its output and the command."""
+    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        output = (completed.stdout + completed.stderr)[-4000:]
+        raise SystemExit(f"{name} failed (exit code {completed.returncode}):\n{output}\n{' '.join(command)}")
+    return completed
+
+
+def timed_steps(step_ends: list[float], warmup: int, steps: int, name: str) -> list[float]:
+    """The seconds of the timed steps from a trainer's step-end times (s), one per step: the gaps between
+    consecutive ends after the `warmup` steps (so a run of warmup + steps + 1 steps times `steps`)."""
+    if len(step_ends) < warmup + steps + 1:
+        raise SystemExit(f"{name} timed {len(step_ends)} steps, fewer than the {warmup + steps + 1} asked for")
+    gaps = [later - earlier for earlier, later in zip(step_ends, step_ends[1:])]
+    return gaps[warmup:warmup + steps]
