@@ -31,16 +31,15 @@ def model_components(model: str, device: str | torch.device = "cpu", seed: int =
     """unet, vae, text_encoder (fp32, on `device`), tokenizer, and scheduler (the training noise schedule)."""
     from diffusers import DDPMScheduler
 
-    from utils.tiny_model import build_tiny_components, build_tiny_tokenizer
+    from utils.tiny_model import build_tiny_components, build_tiny_tokenizer, tiny_scheduler
 
     if model == "tiny":
         parts = build_tiny_components()
         return dict(parts, **{name: parts[name].to(device) for name in ("unet", "vae", "text_encoder")})
     from utils.architectures import ARCHITECTURES, build_random_components
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
-                              prediction_type=ARCHITECTURES[model].prediction_type)
+    # The tiny model's schedule is SD's (1.x and 2.x share it); only what the model predicts differs.
+    scheduler = DDPMScheduler.from_config(tiny_scheduler().config, prediction_type=ARCHITECTURES[model].prediction_type)
     return dict(build_random_components(model, device, seed), tokenizer=build_tiny_tokenizer(), scheduler=scheduler)
 
 
