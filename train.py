@@ -238,7 +238,7 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
     machine_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by the launchers
-    cache = LatentCache.open(folder, trainee.model.vae, plan.items, plan.fingerprint)
+    cache = LatentCache.open(folder, trainee.model.vae, plan.items, plan.fingerprint, accelerator.mixed_precision)
     variants = image_variants(plan.items, plan.data_options)
     result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
                   autocast=accelerator.autocast, share=(accelerator.local_process_index, machine_processes),
@@ -293,16 +293,17 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
     import torch
 
     from utils import diffusion
-    from utils.latent_cache import cached_posterior
+    from utils.latent_cache import posterior_from
 
     model, device = trainee.model, accelerator.device
     generator = diffusion.step_generator(config.seed, global_step, device, accelerator.process_index)
     with accelerator.autocast():
         with torch.no_grad():
             if batch["latent_params"] is not None:  # cache_latents: the VAE's posterior, computed once
-                posterior = cached_posterior(batch["latent_params"].to(device, non_blocking=True))
+                params = batch["latent_params"].to(device, non_blocking=True)
             else:
-                posterior = model.vae.encode(batch["pixels"].to(device, non_blocking=True)).latent_dist
+                params = model.vae.encode(batch["pixels"].to(device, non_blocking=True)).latent_dist.parameters
+            posterior = posterior_from(params)
             # Contiguous: the VAE may hand back channels-last latents (oneDNN on the CPU), the cache never does,
             # and the UNet's kernels (so the last bits of the loss) depend on the layout.
             latents = posterior.sample(generator).float().contiguous() * model.vae.config.scaling_factor

@@ -165,3 +165,26 @@ def test_an_accelerate_config_that_asks_for_torch_compile_is_turned_off_and_said
     finally:
         AcceleratorState._reset_state(True)
     assert "dynamo_backend (INDUCTOR) is ignored" in caplog.text
+
+
+def test_cache_text_embeddings_is_refused_where_a_folder_shuffles_its_tags(tmp_path):
+    """shuffle_tags.txt turns shuffling on for one folder: its captions differ every epoch, so the in-memory
+    cache would grow every epoch; refused before any model loads, naming the key and an image."""
+    import shutil
+
+    import train
+    from utils.config import ConfigError
+
+    shutil.copytree(REPO / "examples" / "images", tmp_path / "images")
+    folder = next(path.parent for path in sorted((tmp_path / "images").rglob("*.jpg")))
+    (folder / "shuffle_tags.txt").write_text("true")
+    arguments = ["--resume_ckpt", "builtin:tiny", "--data_root", str(tmp_path / "images"),
+                 "--disable_textenc_training", "true", "--sample_prompts", "null", "--validation_config", "null"]
+    assert not train.plan_run(arguments).config.cache_text_embeddings  # the folder alone is fine
+    try:
+        train.plan_run(arguments + ["--cache_text_embeddings", "true"])
+    except ConfigError as error:
+        messages = [str(p) for p in error.problems]
+    else:
+        raise AssertionError("no ConfigError")
+    assert len(messages) == 1 and "cache_text_embeddings" in messages[0] and str(folder) in messages[0]

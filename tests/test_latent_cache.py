@@ -19,7 +19,7 @@ from data.image_io import read_image_size
 from data.items import ImageItem
 from data.plan import PlanOptions, image_variants, plan_epoch, plan_sample
 from utils.latent_cache import (LatentCache, MissingLatents, TextEmbeddingCache, fill_latent_cache,
-                                cached_posterior, weights_digest)
+                                posterior_from, weights_digest)
 from utils.model_family import SD1
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "images")
@@ -155,7 +155,7 @@ def test_cached_parameters_sample_the_latents_the_vae_gives(filled, vae):
         with torch.no_grad():
             expected = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(3))
         assert params.dtype == torch.float32
-        assert torch.equal(cached_posterior(params).sample(torch.Generator().manual_seed(3)), expected)
+        assert torch.equal(posterior_from(params).sample(torch.Generator().manual_seed(3)), expected)
 
 
 def test_cached_parameters_match_a_different_batching_closely(filled, vae):
@@ -187,6 +187,13 @@ def test_an_added_image_is_the_only_one_encoded(filled, vae):
     finally:
         os.remove(new)
     assert (result.encoded, result.reused, result.failed) == (2, len(variants), [])  # its two sides
+
+
+def test_another_precision_gets_other_keys(filled, vae):
+    items, variants, cache, _ = filled
+    v = variants[0]
+    bf16 = LatentCache.open(cache.folder, vae, items, precision="bf16")
+    assert cache.precision == "no" and bf16.entry_path(items[v.index].path, v) != cache.entry_path(items[v.index].path, v)
 
 
 def test_another_vae_gets_other_keys(filled, vae):
@@ -306,8 +313,12 @@ def test_text_embedding_cache_encodes_each_caption_once(tiny):
 # In training: train.train_step from the caches gives the loss it gives from images and captions
 # =================================================================================================
 
-def test_train_step_gives_the_same_loss_from_cached_latents_and_text_embeddings(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_train_step_gives_the_same_loss_from_cached_latents_and_text_embeddings(tmp_path, precision, request):
+    """Under autocast too: the VAE encodes in bf16 there, and the uncached posterior must not draw its sample in
+    bf16 while the cached one (stored in fp32) draws it in fp32."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     import train
     from data.dataset import Collate
@@ -317,7 +328,9 @@ def test_train_step_gives_the_same_loss_from_cached_latents_and_text_embeddings(
     model = load_model("builtin:tiny")
     for module in (model.unet, model.text_encoder, model.vae):
         module.requires_grad_(False)
-    accelerator = Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)  # the state is per process: other tests' accelerators set it
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(True))
     scheduler = model.scheduler
     trainee = train.Trainee(model, model.unet, model.text_encoder, train_unet=True, train_text_encoder=False,
                             alphas_cumprod=scheduler.alphas_cumprod)
@@ -331,9 +344,9 @@ def test_train_step_gives_the_same_loss_from_cached_latents_and_text_embeddings(
     collate = Collate(lambda captions: model.family.tokenize(model.tokenizer, captions))
 
     from_images = collate([PlannedImages(same_bucket)[sample] for sample in samples])
-    cache = LatentCache.open(str(tmp_path / "cache"), model.vae, same_bucket)
+    cache = LatentCache.open(str(tmp_path / "cache"), model.vae, same_bucket, precision=precision)
     fill_latent_cache(cache, same_bucket, image_variants(same_bucket, options), model.vae, "cpu", batch_size=2,
-                      progress=False)
+                      autocast=accelerator.autocast, progress=False)
     from_cache = collate([PlannedImages(same_bucket, cache)[sample] for sample in samples])
     assert from_cache["pixels"] is None and from_cache["latent_params"] is not None
 

@@ -89,11 +89,12 @@ class TrainConfig:
         "each epoch); flips still vary. Not with plugins that transform images. See doc/PERFORMANCE.md.",
         group="Model")
     latent_cache_dir: str | None = option(
-        None, "Folder for cache_latents, keyed by image content, crop, flip and VAE weights, so runs and chained "
-        "sessions share it; null = latent_cache under logdir.", group="Model")
+        None, "Folder for cache_latents, keyed by image content, crop, flip, VAE weights and precision, so runs and "
+        "chained sessions share it; null = latent_cache under logdir.", group="Model")
     cache_text_embeddings: bool = option(
         False, "With the text encoder frozen (disable_textenc_training): encode each distinct caption once and "
-        "reuse it. Not with shuffle_tags, whose captions change every epoch.", group="Model")
+        "reuse it. Not with shuffle_tags (the config's or a folder's), whose captions change every epoch.",
+        group="Model")
     mixed_precision: str = option(
         "fp16", "Mixed precision on CUDA: `fp16` (with a grad scaler), `bf16` (Ampere or newer), `no`. "
         "CPU always trains in fp32.", group="Model", choices=("fp16", "bf16", "no"))

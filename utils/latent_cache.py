@@ -6,8 +6,9 @@ still draws a fresh latent each step with `DiagonalGaussianDistribution(params).
 what `vae.encode(pixels).latent_dist.sample(generator)` does with the same parameters.
 
 An entry is keyed by the image's content (size and digest of the file's ends, data/fingerprint.py), its
-variant (bucket, crop, jitter, flip: data/plan.py) and a digest of the VAE's weights, so runs and processes
-can share a folder: another crop, another base model or an edited image (a re-saved file changes its size
+variant (bucket, crop, jitter, flip: data/plan.py), a digest of the VAE's weights and the precision it
+encodes in (fp32, or the fp16/bf16 autocast of mixed_precision), so runs and processes can share a folder:
+another crop, another base model, another precision or an edited image (a re-saved file changes its size
 or its ends; an edit in place of a middle byte of an uncompressed file would go unseen) gets new entries. One
 safetensors file per entry, in subfolders named by the key's first two hex digits, each written under a
 temporary name and renamed, so a reader never sees half a file and two writers of one entry do no harm.
@@ -79,15 +80,18 @@ class LatentCache:
 
     folder: str
     vae_digest: str  # weights_digest of the VAE
+    precision: str  # the autocast the VAE encodes under: "no", "fp16", "bf16" (accelerate's mixed_precision)
     image_digests: dict[str, str | None] = field(repr=False)  # image path -> content_key, read once
 
     @classmethod
-    def open(cls, folder: str, vae: torch.nn.Module, items: list[ImageItem], fingerprint: dict | None = None):
-        """The cache in `folder` for this VAE and these images: digests the VAE, and every image file unless
-        `fingerprint` (data.fingerprint.dataset_fingerprint of them, as train.py reads at start-up) has them."""
+    def open(cls, folder: str, vae: torch.nn.Module, items: list[ImageItem], fingerprint: dict | None = None,
+             precision: str = "no"):
+        """The cache in `folder` for this VAE, encoding under `precision`, and these images: digests the VAE,
+        and every image file unless `fingerprint` (data.fingerprint.dataset_fingerprint of them, as train.py
+        reads at start-up) has them."""
         fingerprint = fingerprint or dataset_fingerprint(items)
         digests = {item.path: content_key(*fingerprint[item.path][:2]) for item in items}
-        return cls(os.path.abspath(folder), weights_digest(vae), digests)
+        return cls(os.path.abspath(folder), weights_digest(vae), precision, digests)
 
     def key(self, path: str, variant: Variant) -> str | None:
         """The entry's hex key; None when the image could not be read when the cache was opened."""
@@ -95,7 +99,7 @@ class LatentCache:
         if content is None:
             return None
         fields = (CACHE_FORMAT, content, tuple(variant.bucket), variant.crop_x, variant.crop_y,
-                  tuple(variant.jitter), bool(variant.flip), self.vae_digest)
+                  tuple(variant.jitter), bool(variant.flip), self.vae_digest, self.precision)
         return hashlib.sha1(repr(fields).encode()).hexdigest()  # repr keeps every float exactly
 
     def entry_path(self, path: str, variant: Variant) -> str | None:
@@ -163,10 +167,13 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def cached_posterior(params: torch.Tensor) -> DiagonalGaussianDistribution:
-    """The VAE posterior from cached parameters: what vae.encode(pixels).latent_dist is, so that its
-    .sample(generator) draws the same latents."""
-    return DiagonalGaussianDistribution(params)
+def posterior_from(params: torch.Tensor) -> DiagonalGaussianDistribution:
+    """The VAE posterior from its parameters, fresh from the encoder or cached, in fp32.
+
+    vae.encode(pixels).latent_dist draws its sample in the dtype of its parameters, half precision under
+    autocast, while the cache keeps them in fp32: both paths go through here so that one generator draws the
+    same latents from either."""
+    return DiagonalGaussianDistribution(params.float())
 
 
 # =================================================================================================
@@ -191,7 +198,8 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
     skipped, recorded in the cache and reported in the result. `share` = (process index, processes): each
     process takes every processes-th variant of the list, so the shares are disjoint and together complete
     whatever each process finds already cached; wait for every process before training reads the cache.
-    `autocast` is the training's (accelerator.autocast), so latents are computed in the same precision.
+    `autocast` is the training's (accelerator.autocast), so latents are computed in the same precision; the
+    cache must have been opened with that precision, which keys its entries.
     """
     process_index, processes = share
     result, failed = FillResult(), {}

@@ -167,6 +167,13 @@ def plan_run(argv: list[str]) -> RunPlan:
         problems.append(ConfigProblem("data_root", loaded.origins["data_root"], f"{config.data_root!r} holds no "
                                       "usable images (.jpg, .jpeg, .png, .bmp, .webp, .jfif), searched "
                                       f"recursively.{reasons}"))
+    shuffling = [item.path for item in scan.items if item.shuffle_tags]
+    if config.cache_text_embeddings and shuffling and not config.shuffle_tags:  # config-wide: utils/config.py
+        problems.append(ConfigProblem("cache_text_embeddings", loaded.origins["cache_text_embeddings"], (
+            f"cannot be used with tag shuffling, which {len(shuffling)} images turn on for themselves "
+            f"(shuffle_tags.txt in their folder, or their .yaml), e.g. {shuffling[0]}: their captions differ every "
+            "epoch, so the cache would grow every epoch. Remove their shuffle_tags, or leave out "
+            "cache_text_embeddings.")))
     validation = plan_validation(config, loaded, scan, problems) if scan.items else None
     if problems:
         raise ConfigError(problems)

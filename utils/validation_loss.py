@@ -15,6 +15,7 @@ import torch
 
 from data.dataset import Collate, PlannedImages
 from utils import diffusion
+from utils.latent_cache import posterior_from
 from utils.samples import eval_mode
 
 log = logging.getLogger("train")
@@ -83,7 +84,7 @@ def image_losses(trainee, batch: dict, seeds: list[int], config, accelerator) ->
     """
     model, device = trainee.model, accelerator.device
     with accelerator.autocast():
-        distribution = model.vae.encode(batch["pixels"].to(device)).latent_dist
+        distribution = posterior_from(model.vae.encode(batch["pixels"].to(device)).latent_dist.parameters)
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         latents = torch.cat([distribution.mean[i:i + 1] + distribution.std[i:i + 1] * torch.randn(
             distribution.mean[i:i + 1].shape, generator=g, device=device) for i, g in enumerate(generators)])
