@@ -84,6 +84,17 @@ def multi_process_settings(config: TrainConfig) -> list:
             InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))]
 
 
+def share_random_seed(plan: RunPlan, accelerator, argv: list[str]) -> RunPlan:
+    """With `seed: -1` each process drew its own seed; every process must train the main process's (the
+    epoch plan each takes its share of, the crops and the noise all come from it): the others plan again."""
+    from utils.processes import main_process_value
+
+    if accelerator.num_processes == 1 or plan.loaded.config.seed != -1:
+        return plan
+    seed = main_process_value(accelerator, plan.config.seed)
+    return plan if seed == plan.config.seed else plan_run(argv, random_seed=seed)
+
+
 def start_run(plan: RunPlan, accelerator) -> str | None:
     """The run folder with the settings in it, and logging into it; None on processes other than the main.
 
@@ -641,6 +652,8 @@ def main(argv: list[str]) -> int:
     try:
         plan = plan_run(argv)
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
+        if accelerator:
+            plan = share_random_seed(plan, accelerator, argv)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
@@ -730,7 +743,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                 if accelerator.is_main_process:
                     how = "python train.py" if accelerator.num_processes == 1 else "the same launch command and"
                     log.warning("stopped by %s at step %d; continue with: %s --resume_run %s",
-                                stop.requested.name, run.state.global_step, how, run_dir)
+                                stop.stop_signal.name, run.state.global_step, how, run_dir)
                 return stop.exit_code
             run.state.mark_saved()
             save_checkpoint(run, "final")
@@ -844,10 +857,14 @@ def log_step(run: Run, meter, spikes) -> str:
 def decide_together(run: Run, stop, end_of_epoch: bool) -> tuple[bool, bool]:
     """(stop now, save now) at the end of an optimizer step, the same on every process: a stop requested on
     any of them; a periodic save when the main process's clock says so."""
+    import signal
+
     from utils.processes import any_process
 
     save_due = run.accelerator.is_main_process and periodic_save_due(run.plan, run.state, end_of_epoch)
-    return any_process(run.accelerator, stop.requested, save_due)
+    interrupted, terminated, save_due = any_process(run.accelerator, stop.requested == signal.SIGINT,
+                                                    stop.requested == signal.SIGTERM, save_due)
+    return stop.share(interrupted, terminated), save_due
 
 
 def over_processes(values: dict[str, float], counts: dict[str, int], accelerator) -> dict[str, float]:

@@ -29,6 +29,15 @@ def test_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_a_stop_another_process_received_is_honoured_here_and_a_first_ctrl_c_here_still_saves():
+    with StopRequests() as stop:
+        assert not stop.share(interrupted=False, terminated=False) and stop.exit_code == 0
+        assert stop.share(interrupted=False, terminated=True)  # another process's SIGTERM
+        assert stop.requested is None and stop.stop_signal == signal.SIGTERM and stop.exit_code == 143
+        os.kill(os.getpid(), signal.SIGINT)  # this process's first Ctrl-C: a request, not "stop at once"
+        assert stop.requested == signal.SIGINT and stop.exit_code == 130
+
+
 def test_loader_workers_ignore_both_signals():
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:

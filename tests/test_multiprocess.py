@@ -53,9 +53,10 @@ def test_one_process_trains_the_whole_plan():
 def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo), the text encoder training: one run
     folder, one set of checkpoints, every image loaded once per epoch across the two processes, and a NaN
-    loss on one process skipped without the other waiting for ever. With cache_latents the two encode the
-    images between them, and a later one-process run of the same data reuses every entry. The two measure
-    the validation loss between them, and the untrained model's value is the one-process run's."""
+    loss on one process skipped without the other waiting for ever. With seed: -1 both train the main
+    process's draw. With cache_latents the two encode the images between them, and a later one-process run
+    of the same data and seed reuses every entry. The two measure the validation loss between them, and the
+    untrained model's value is the one-process run's."""
     log = tmp_path / "captions"
     validation = tmp_path / "validation.json"  # every training image in the stabilize set, none held out
     validation.write_text(json.dumps({"validate_training": False, "stabilize_training_loss": True,
@@ -67,7 +68,8 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/nan_injection.py", *settings,
-         "--max_epochs", "2", "--logdir", str(tmp_path / "logs"), "--plugins", "tests.recording_plugin.CaptionLog"],
+         "--max_epochs", "2", "--logdir", str(tmp_path / "logs"), "--plugins", "tests.recording_plugin.CaptionLog",
+         "--seed", "-1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -86,7 +88,8 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     once = Counter(item.caption for item in demo)
     assert per_process[0] + per_process[1] == once + once  # the 12 demo images, once in each of the 2 epochs
 
-    again = subprocess.run([sys.executable, "train.py", *settings, "--cache_text_embeddings",
+    seed = json.loads((run_dir / "train_config.json").read_text())["seed"]  # the main process's draw
+    again = subprocess.run([sys.executable, "train.py", *settings, "--seed", str(seed), "--cache_text_embeddings",
                             "--disable_textenc_training", "--max_epochs", "1", "--logdir", str(tmp_path / "again")],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -126,3 +129,23 @@ def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same
     assert "last-demo-ep03-gs00012" in checkpoints and not any(name.startswith(".tmp-") for name in checkpoints)
     losses = scalars(run_dir, "loss/log_step")
     assert [step for step, _ in losses] == [5, 10]  # log_step 5, one curve over both sessions
+
+
+def test_a_stop_that_reaches_one_process_waits_for_the_main_process_to_save(tmp_path):
+    """SIGTERM to process 1 alone: both stop at the same step, and process 1 leaves only once the main
+    process has written the interrupted- checkpoint (the launcher would end the main process, mid-save, as
+    soon as process 1 exits). The run resumes from it."""
+    report = tmp_path / "process_1_exit"
+    settings = ("--config", "train.json", "--max_epochs", "2", "--save_every_n_epochs", "1", "--no_save_ckpt",
+                "true", "--sample_prompts", "null", "--logdir", str(tmp_path / "logs"))
+    stopped = launch_two("tests/stop_injection.py", *settings,
+                         env={**os.environ, "STOP_AT_STEP": "2", "SAVE_DELAY_S": "4", "EXIT_REPORT": str(report)})
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0, output
+    assert "stopped by SIGTERM at step 3" in output  # signalled while training step 3 (2 steps done)
+    assert report.read_text().splitlines() == ["interrupted-demo-ep00-gs00003"], output
+
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    resumed = launch_two("train.py", "--resume_run", str(run_dir), env=dict(os.environ))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "last-demo-ep02-gs00008" in sorted(p.name for p in (run_dir / "ckpts").iterdir())

@@ -16,7 +16,8 @@ class StopRequests:
     """Installed for the training loop (a context manager); `requested` is the signal received, or None."""
 
     def __init__(self):
-        self.requested: signal.Signals | None = None
+        self.requested: signal.Signals | None = None  # received by this process
+        self.elsewhere: signal.Signals | None = None  # received by another process of the launch, and shared
         self._previous: dict = {}
 
     def __enter__(self) -> StopRequests:
@@ -29,8 +30,20 @@ class StopRequests:
             signal.signal(number, handler)
 
     @property
+    def stop_signal(self) -> signal.Signals | None:
+        """The stop this process honours: its own signal, else another process's."""
+        return self.requested or self.elsewhere
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.requested] if self.requested else 0
+        return EXIT_CODES[self.stop_signal] if self.stop_signal else 0
+
+    def share(self, interrupted: bool, terminated: bool) -> bool:
+        """Whether to stop, given whether any process received SIGINT, SIGTERM; a stop that reached another
+        process alone becomes this one's too (without counting as its first Ctrl-C)."""
+        if self.requested is None and (interrupted or terminated):
+            self.elsewhere = signal.SIGINT if interrupted else signal.SIGTERM
+        return interrupted or terminated
 
     def _on_signal(self, number: int, frame) -> None:
         if self.requested is not None:

@@ -48,19 +48,28 @@ def save_checkpoint(run, kind: str) -> str | None:
     than the main one. Raises NonFiniteWeights (on every process: the weights are the same on all) and
     utils.checkpoint.NotEnoughDiskSpace (on the main process) before writing.
 
-    Every process calls it, except for an errored- save: an error may have struck one process alone, so
-    that save waits for no other.
+    Every process calls it, and the others wait until the main one has written: a launcher ends every
+    process as soon as one exits, so one that left first would cut the main process's save short. Except for
+    an errored- save: an error may have struck one process alone, so that save waits for no other.
     """
     config, state, trainee = run.plan.config, run.state, run.trainee
-    modules = trainee.trained_modules()
-    bad = first_nonfinite_weight(modules)
+    bad = first_nonfinite_weight(trainee.trained_modules())
     if bad:
         raise NonFiniteWeights(f"{bad} is NaN or infinite at step {state.global_step}, so the model is not saved; "
                                "the earlier checkpoints are untouched. Lower lr and continue from the last one.")
-    if kind != "errored":
+    together = kind != "errored"
+    if together:
         run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:
-        return None
+    try:
+        return write_checkpoint(run, kind) if run.accelerator.is_main_process else None
+    finally:  # also when the main process could not write (NotEnoughDiskSpace): the others must not wait for ever
+        if together:
+            run.accelerator.wait_for_everyone()
+
+
+def write_checkpoint(run, kind: str) -> str:
+    """The main process's part of save_checkpoint: write the checkpoint folder (and single file); its path."""
+    config, state, trainee = run.plan.config, run.state, run.trainee
     resumable = kind in RESUMABLE_KINDS
     with_optimizer = resumable or (kind == "final" and config.save_optimizer)
     single_file = kind in ("periodic", "final") and not config.no_save_ckpt

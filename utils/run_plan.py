@@ -87,9 +87,10 @@ def data_options(config: TrainConfig):
                        rated_dataset_target_dropout_percent=config.rated_dataset_target_dropout_percent)
 
 
-def plan_run(argv: list[str]) -> RunPlan:
+def plan_run(argv: list[str], random_seed: int | None = None) -> RunPlan:
     """Everything decided before anything heavy loads. Raises ConfigError listing every problem, and
-    NothingToResume."""
+    NothingToResume. `random_seed`: what `seed: -1` becomes, instead of a fresh draw (the processes of a
+    launch train with the main process's draw: train.share_random_seed)."""
     from data.items import ScanResult, scan_dataset
     from data.plan import batches_per_epoch
     from data.scan import DataRootError
@@ -122,7 +123,8 @@ def plan_run(argv: list[str]) -> RunPlan:
         if config.ema_resume_model == FINDLAST:
             resolve("ema_resume_model", None, "resumed from the run's own EMA")
     if config.seed == -1:
-        resolve("seed", random.SystemRandom().randint(0, 2**31 - 1), "random, from seed: -1")
+        drawn = random.SystemRandom().randint(0, 2**31 - 1) if random_seed is None else random_seed
+        resolve("seed", drawn, "random, from seed: -1")
     if config.ckpt_every_n_minutes is None and not config.save_every_n_epochs:
         resolve("ckpt_every_n_minutes", DEFAULT_CKPT_EVERY_N_MINUTES, "default when no save cadence is set")
     if config.num_workers is None:
