@@ -11,8 +11,8 @@ requirements.txt):
 It trains the same model folder on the same images (bench/workload.py) with the same batch, resolution,
 precision, learning rate and optimizer as train.py does in `--full`. It logs `train_loss` to TensorBoard
 once per optimizer step; the gaps between those events' wall times are its step times, as the StepTimer
-plugin's are train.py's. It trains the UNet only; its data loading runs in the main process (its default,
-`--dataloader_num_workers 0`, as train.py's here).
+plugin's are train.py's. It trains the UNet only; it gets as many data-loading workers as train.py
+(`--dataloader_num_workers`: the bench's --num_workers, or train.py's automatic choice).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 
-from bench.workload import run_trainer, timed_steps
+from bench.workload import TrainerFailed, loader_workers, run_trainer, timed_steps
 
 LOSS_TAG = "train_loss"  # logged by the example at every optimizer step
 NEVER = str(10**9)  # steps: no checkpoint during the timing
@@ -47,7 +47,8 @@ def example_command(settings, script: str, model_folder: str, data_folder: str, 
                "--train_batch_size", str(settings.batch), "--gradient_accumulation_steps", "1",
                "--max_train_steps", str(settings.warmup + settings.steps + 1), "--learning_rate", str(learning_rate),
                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", str(settings.seed),
-               "--mixed_precision", mixed_precision, "--dataloader_num_workers", "0",
+               "--mixed_precision", mixed_precision,
+               "--dataloader_num_workers", str(loader_workers(settings.num_workers)),
                "--report_to", "tensorboard", "--checkpointing_steps", NEVER]
     if settings.gradient_checkpointing:
         command.append("--gradient_checkpointing")
@@ -75,15 +76,18 @@ def logged_step_times(folder: str, tag: str = LOSS_TAG) -> list[float]:
 
 
 def time_example(settings, script: str, model_folder: str, data_folder: str, workdir: str, env: dict,
-                 learning_rate: float) -> list[float]:
+                 learning_rate: float, timeout: float | None = None) -> list[float]:
     """Run the example for warmup + steps + 1 steps; the seconds of the timed steps: the gaps between consecutive
-    `train_loss` events, after the warm-up."""
+    `train_loss` events, after the warm-up. Raises TrainerFailed."""
     output_folder = os.path.join(workdir, "diffusers_example")
     shutil.rmtree(output_folder, ignore_errors=True)  # an earlier round's events
     command = example_command(settings, script, model_folder, data_folder, output_folder, learning_rate)
     env = dict(env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # everything it needs is on disk
-    run_trainer(command, env, script)
-    return timed_steps(logged_step_times(output_folder), settings.warmup, settings.steps, f"{script} ({LOSS_TAG})")
+    output = run_trainer(command, env, script, timeout=timeout)
+    try:
+        return timed_steps(logged_step_times(output_folder), settings.warmup, settings.steps, f"{script} ({LOSS_TAG})")
+    except TrainerFailed as failure:  # with what the example said
+        raise TrainerFailed(failure.reason, output, command) from None
 
 
 def describe(script: str) -> str:

@@ -5,7 +5,9 @@
 Appends one line per step to the file named by BENCH_STEP_TIMES: `time.perf_counter()` (s) and the global
 step. On CUDA it first waits for the GPU, so that a timestamp marks the end of the step's work rather than
 the end of its queueing (the trainer already waits once per step, for the loss). At the end it adds the
-process's peak memory: a `# peak_cuda_memory_bytes N` line on CUDA, a `# peak_rss_bytes N` line otherwise.
+process's peak memory: on CUDA a `# peak_cuda_memory_bytes N` line (max_memory_allocated) and a
+`# peak_cuda_reserved_bytes N` line (max_memory_reserved: what the card must hold, the caching allocator's
+blocks included), otherwise a `# peak_rss_bytes N` line.
 Without BENCH_STEP_TIMES it does nothing.
 """
 
@@ -19,6 +21,7 @@ import time
 ENV_VAR = "BENCH_STEP_TIMES"
 PEAK_KINDS = {"peak_cuda_memory_bytes": "torch.cuda.max_memory_allocated",
               "peak_rss_bytes": "peak RSS of the train.py process"}
+RESERVED_KEY = "peak_cuda_reserved_bytes"  # torch.cuda.max_memory_reserved, beside max_memory_allocated
 
 
 class StepTimer:
@@ -44,11 +47,12 @@ class StepTimer:
         import torch
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            line = f"# peak_cuda_memory_bytes {torch.cuda.max_memory_allocated()}"
+            lines = [f"# peak_cuda_memory_bytes {torch.cuda.max_memory_allocated()}",
+                     f"# {RESERVED_KEY} {torch.cuda.max_memory_reserved()}"]
         else:
-            line = f"# peak_rss_bytes {peak_rss_bytes()}"
+            lines = [f"# peak_rss_bytes {peak_rss_bytes()}"]
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+            handle.writelines(line + "\n" for line in lines)
 
 
 def peak_rss_bytes() -> int:
@@ -75,15 +79,18 @@ def _synchronize_cuda() -> None:
         torch.cuda.synchronize()
 
 
-def read_step_times(path: str) -> tuple[list[float], int | None, str | None]:
-    """The timestamps (s) of a StepTimer file, in order; the peak memory (bytes) recorded at the end, and how it
-    was measured (None, None if the run did not end)."""
-    times, peak, kind = [], None, None
+def read_step_times(path: str) -> tuple[list[float], int | None, str | None, int | None]:
+    """The timestamps (s) of a StepTimer file, in order; the peak memory (bytes) recorded at the end, how it was
+    measured, and on CUDA the peak reserved memory (bytes) (None for what the run did not record)."""
+    times, peak, kind, reserved = [], None, None, None
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if line.startswith("#"):
                 key, value = line[1:].split()
-                peak, kind = int(value), PEAK_KINDS[key]
+                if key == RESERVED_KEY:
+                    reserved = int(value)
+                else:
+                    peak, kind = int(value), PEAK_KINDS[key]
             elif line.strip():
                 times.append(float(line.split()[0]))
-    return times, peak, kind
+    return times, peak, kind, reserved

@@ -9,14 +9,16 @@
 - `write_training_images`: square JPEGs of exactly the training resolution, captioned in their file names
   (train.py) and in a `metadata.jsonl` (the `datasets` imagefolder that diffusers' examples read), so that
   every batch of every trainer has the same shape and no image needs a resize.
-- `run_trainer` and `timed_steps`: how each trainer runs on it, in its own process, and which of its step
-  ends are timed.
+- `run_trainer`, `timed_steps` and `loader_workers`: how each trainer runs on it, in its own process with a
+  time limit, which of its step ends are timed, and how many data-loading workers it gets. A trainer that
+  fails raises `TrainerFailed`, which the benchmark reports instead of stopping.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
 import numpy as np
@@ -75,19 +77,61 @@ def write_training_images(folder: str, count: int, resolution: int, seed: int = 
     return records
 
 
-def run_trainer(command: list[str], env: dict, name: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run a trainer to its end; a failure stops the benchmark with the end of its output and the command."""
-    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        output = (completed.stdout + completed.stderr)[-4000:]
-        raise SystemExit(f"{name} failed (exit code {completed.returncode}):\n{output}\n{' '.join(command)}")
-    return completed
+class TrainerFailed(Exception):
+    """A trainer that exited with an error, ran past its time limit or timed too few steps: why, and the end of
+    its output."""
+
+    def __init__(self, reason: str, output: str = "", command: list[str] | None = None):
+        super().__init__(reason)
+        self.reason, self.output, self.command = reason, output, command or []
+
+    def last_lines(self, count: int = 20) -> list[str]:
+        return self.output.rstrip().splitlines()[-count:]
+
+
+def run_trainer(command: list[str], env: dict, name: str, cwd: str | None = None,
+                timeout: float | None = None) -> str:
+    """Run a trainer to its end; its output (stdout and stderr interleaved, so the last lines are the last
+    said). Raises TrainerFailed when it fails or runs past `timeout` seconds."""
+    # Its own process group: a timeout, or Ctrl-C here, then stops its data-loader workers with it.
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        output, _ = process.communicate()
+        raise TrainerFailed(f"{name} ran past the time limit of {timeout:g} s (--trainer_timeout_s) and was "
+                            "stopped", output, command) from None
+    finally:
+        stop(process)
+    if process.returncode != 0:
+        raise TrainerFailed(f"{name} exited with code {process.returncode}", output, command)
+    return output
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill a trainer still running, and the processes it started (its process group)."""
+    if process.poll() is not None:
+        return
+    if hasattr(os, "killpg"):
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """The data-loading worker processes a trainer gets: `num_workers`, or for None train.py's automatic
+    choice (its num_workers: null), which diffusers' example is given too."""
+    from utils.config import automatic_num_workers
+
+    return automatic_num_workers() if num_workers is None else num_workers
 
 
 def timed_steps(step_ends: list[float], warmup: int, steps: int, name: str) -> list[float]:
     """The seconds of the timed steps from a trainer's step-end times (s), one per step: the gaps between
     consecutive ends after the `warmup` steps (so a run of warmup + steps + 1 steps times `steps`)."""
     if len(step_ends) < warmup + steps + 1:
-        raise SystemExit(f"{name} timed {len(step_ends)} steps, fewer than the {warmup + steps + 1} asked for")
+        raise TrainerFailed(f"{name} timed {len(step_ends)} steps, fewer than the {warmup + steps + 1} asked for")
     gaps = [later - earlier for earlier, later in zip(step_ends, step_ends[1:])]
     return gaps[warmup:warmup + steps]

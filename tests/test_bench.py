@@ -1,5 +1,6 @@
 """bench/train_throughput.py and bench/step_timer.py: the bare training step, its FLOP count, the trainer
-command it times, and the random-weight architectures it builds (utils/architectures.py)."""
+command it times, how a trainer's failure is reported, and the random-weight architectures it builds
+(utils/architectures.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import diffusers_example, train_throughput
+from bench import diffusers_example, train_throughput, workload
 from bench.step_timer import ENV_VAR, StepTimer, read_step_times
-from bench.train_throughput import Settings, attention_flop_formulas, measure_bare, report, train_command
-from bench.workload import METADATA_FILE, write_model_folder, write_training_images
+from bench.train_throughput import (REPO_ROOT, BareStep, Settings, attention_flop_formulas, measure_bare, report,
+                                    train_command)
+from bench.workload import METADATA_FILE, TrainerFailed, write_model_folder, write_training_images
 from utils.architectures import ARCHITECTURES, build_random_components
 from utils.config import merge, parse_cli
 from utils.tiny_model import build_tiny_components
@@ -29,6 +31,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate's state is per process and keeps the first Accelerator's mixed precision: reset around a test
+    that builds one with its own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
 
 
 def test_the_bare_step_of_the_tiny_model_reports_throughput_and_flops(one_thread):
@@ -85,6 +98,7 @@ def test_the_trainer_command_is_a_valid_config_with_the_same_settings(tmp_path):
     assert config.gradient_checkpointing and not config.disable_textenc_training and config.disable_amp
     assert config.plugins == ["bench.step_timer.StepTimer"] and config.sample_prompts is None
     assert config.resume_ckpt == model_folder and config.data_root == str(tmp_path / "data")
+    assert config.num_workers == 0  # Settings' default, the CPU's
     assert len(records) == 3
 
 
@@ -96,9 +110,10 @@ def test_the_step_timer_appends_a_timestamp_per_step(tmp_path, monkeypatch):
     for step in range(1, 4):
         timer.on_step_end(global_step=step, loss=None, epoch=0)
     timer.on_training_end()
-    times, peak, kind = read_step_times(str(path))
+    times, peak, kind, reserved = read_step_times(str(path))
     assert len(times) == 3 and times == sorted(times)
     assert kind == "peak RSS of the train.py process" and peak > 50e6  # this test process: torch is loaded
+    assert reserved is None  # CUDA only
     monkeypatch.delenv(ENV_VAR)
     StepTimer().on_step_end(global_step=4)  # without the variable: does nothing
     assert len(read_step_times(str(path))[0]) == 3
@@ -209,3 +224,143 @@ def test_a_trainer_started_by_the_bench_reports_its_own_peak_memory_not_the_benc
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=pathlib.Path(__file__).parents[1])
     assert int(child.stdout) < 300 * 2**20 < len(held)
+
+
+def test_the_bare_step_builds_the_optimizer_train_py_builds_and_clips_as_it_does(tmp_path, monkeypatch, one_thread,
+                                                                                  fresh_accelerator):
+    """The same class, named groups and settings (lr, betas, eps, weight decay; torch's foreach default, never
+    fused) as train.py's prepare_optimizer for the bench's command, and its gradient clipping (none by default)."""
+    from optimizer.optimizers import build_optimizer
+    from utils.run_plan import plan_run
+
+    monkeypatch.chdir(REPO_ROOT)  # where the bench runs train.py, which reads optimizer.json there
+    settings = Settings(model="tiny", resolution=256, batch=1, train_text_encoder=True, device="cpu")
+    write_training_images(str(tmp_path / "data"), 2, 256)
+    command = train_command(settings, write_model_folder("tiny", str(tmp_path / "model")), str(tmp_path / "data"),
+                            str(tmp_path / "logs"))
+    plan = plan_run(command[2:])
+    parts = build_tiny_components()
+    theirs = build_optimizer(plan.optimizer_settings, {"unet": list(parts["unet"].parameters()),
+                                                       "text encoder": list(parts["text_encoder"].parameters())})
+    bare = BareStep(settings)
+    mine = bare.optimizer.optimizer  # accelerate's wrapper holds it
+
+    def groups(optimizer) -> list[dict]:  # initial_lr: set by the lr schedule, which both have
+        return [{key: value for key, value in group.items() if key not in ("params", "initial_lr")}
+                for group in optimizer.param_groups]
+
+    assert type(mine) is type(theirs) and mine.defaults == theirs.defaults and groups(mine) == groups(theirs)
+    assert [group["name"] for group in mine.param_groups] == ["unet", "text encoder"]
+    assert not mine.defaults.get("fused") and bare.clip_grad_norm == plan.config.clip_grad_norm is None
+    assert torch.isfinite(bare.step())
+
+
+def test_the_bare_step_keeps_the_frozen_parts_in_fp32_under_autocast_as_train_py(one_thread, fresh_accelerator):
+    settings = Settings(model="tiny", resolution=64, batch=1, precision="bf16", device="cpu")
+    bare = BareStep(settings)
+    assert {p.dtype for p in bare.vae.parameters()} == {torch.float32}
+    assert {p.dtype for p in bare.plain["text_encoder"].parameters()} == {torch.float32}
+    assert bare.pixels.dtype == torch.float32 and bare.encode(bare.pixels).dtype == torch.float32
+    assert torch.isfinite(bare.step())
+    train_throughput.release(bare)  # before the trainers run: no module of it may stay on the device
+
+    def holds_a_module(value) -> bool:
+        inside = value.values() if isinstance(value, dict) else ()
+        return isinstance(value, torch.nn.Module) or any(map(holds_a_module, inside))
+
+    assert not [name for name, value in vars(bare).items() if holds_a_module(value)]
+
+
+def test_the_trainers_data_loading_workers_are_0_on_the_cpu_and_train_py_s_choice_on_cuda(monkeypatch):
+    from utils.config import automatic_num_workers, load_config
+
+    def settings(*flags: str) -> Settings:
+        return train_throughput.settings_from(train_throughput.parse_args(["--resolution", "256", *flags]))
+
+    assert settings("--device", "cpu").num_workers == 0
+    assert settings("--device", "cpu", "--num_workers", "3").num_workers == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert settings("--device", "cuda").num_workers is None  # train.py's automatic choice
+    assert settings("--device", "cuda", "--num_workers", "0").num_workers == 0
+    with pytest.raises(SystemExit):
+        settings("--num_workers", "-1")
+    for workers, expected in ((None, None), (0, 0), (2, 2)):
+        command = train_command(Settings(resolution=256, num_workers=workers), "builtin:tiny", REPO_ROOT, "logs")
+        assert load_config(command[2:]).config.num_workers == expected
+        example = diffusers_example.example_command(Settings(num_workers=workers), "ex.py", "m", "d", "o", 1e-5)
+        given = automatic_num_workers() if workers is None else workers
+        assert example[example.index("--dataloader_num_workers") + 1] == str(given)
+        assert f"Data loading: {given} worker" in train_throughput.data_loading_text(Settings(num_workers=workers))
+
+
+def test_a_failing_trainer_is_reported_failed_and_the_bare_step_s_numbers_are_kept(tmp_path, capsys, monkeypatch,
+                                                                                   one_thread):
+    """train.py failing does not end the benchmark: the bare step is printed when measured, the report has a
+    failed row with the trainer's last lines, and the exit status is 1. The bare step's peak memory is read
+    before the workload (a second copy of the model) is written."""
+    import sys
+
+    real_run_trainer, events = workload.run_trainer, []
+
+    def failing(command, env, name, cwd=None, timeout=None):
+        code = "print('loading the model'); raise SystemExit('boom: the trainer broke')"
+        return real_run_trainer([sys.executable, "-c", code], env, name, cwd, timeout)
+
+    def spy(function, event: str):
+        def spied(*args, **kwargs):
+            events.append(event)
+            return function(*args, **kwargs)
+        return spied
+
+    monkeypatch.setattr(workload, "run_trainer", failing)
+    monkeypatch.setattr(train_throughput, "bare_memory", spy(train_throughput.bare_memory, "bare memory"))
+    monkeypatch.setattr(train_throughput, "write_workload", spy(train_throughput.write_workload, "workload"))
+    status = train_throughput.main(["--model", "tiny", "--resolution", "256", "--batch", "1", "--steps", "2",
+                                    "--warmup", "0", "--threads", "1", "--full", "--workdir", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert status == 1 and events == ["bare memory", "workload"]
+    assert text.index("Bare step, measured") < text.index("train.py failed: train.py exited with code 1")
+    report_text = text[text.index("`python bench/train_throughput.py"):]
+    assert "| bare step (diffusers example's inner loop) |" in report_text
+    assert "| full step (train.py, StepTimer plugin) | failed: train.py exited with code 1" in report_text
+    assert "boom: the trainer broke" in report_text and "overhead" not in report_text
+
+
+def test_a_trainer_past_its_time_limit_is_stopped_and_reported():
+    import sys
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(TrainerFailed, match="time limit of 1 s") as failed:
+        workload.run_trainer([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
+                             {}, "train.py", timeout=1)
+    assert time.perf_counter() - start < 30 and failed.value.last_lines() == ["started"]
+
+
+def test_the_peak_table_takes_the_most_specific_name():
+    table = train_throughput.table_peak
+    assert table("NVIDIA H200 NVL") == ("H200 NVL", 835.0) and table("NVIDIA H200") == ("H200", 989.0)
+    assert table("NVIDIA H100 NVL") == ("H100 NVL", 835.0) and table("NVIDIA H100 PCIe") == ("H100 PCIe", 756.0)
+    assert table("NVIDIA H100 80GB HBM3") == ("H100", 989.0) and table("NVIDIA A100-SXM4-80GB") == ("A100", 312.0)
+    assert table("NVIDIA GeForce RTX 4090") == ("RTX 4090", 165.2) and table("Tesla T4") is None
+
+
+def test_cuda_memory_is_reported_allocated_and_reserved(tmp_path, monkeypatch):
+    """The StepTimer records train.py's max_memory_reserved beside max_memory_allocated on CUDA; the report
+    shows the reserved peak in brackets."""
+    from bench.train_throughput import BareResult, Measurement
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "steps.txt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 10**9)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 4 * 10**9)
+    StepTimer().on_training_end()
+    _, peak, kind, reserved = read_step_times(str(tmp_path / "steps.txt"))
+    assert (peak, kind, reserved) == (3 * 10**9, "torch.cuda.max_memory_allocated", 4 * 10**9)
+    bare = BareResult([0.5], 1, 10**9, "torch.cuda.max_memory_allocated", {"backward": 10**9},
+                      reserved_bytes=2 * 10**9)
+    full = Measurement([0.5], 1, peak, kind, reserved_bytes=reserved)
+    text = report("python bench/train_throughput.py", Settings(resolution=256, steps=1, warmup=0), bare, full,
+                  None, "none")
+    assert "| 1.00 GB (2.00 GB) |" in text and "| 3.00 GB (4.00 GB) |" in text
