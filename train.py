@@ -713,13 +713,15 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
         if plan.resume:  # last: it sets every random generator as it was when the checkpoint was saved
             run.state = load_resume_state(plan.resume.checkpoint, optimizer, schedule, accelerator.scaler)
             if plan.config.force_resume:  # the saved state brought the run's old lr and settings
+                recount_steps(run)
                 apply_group_settings(optimizer, schedule, plan.optimizer_settings)
     except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError) as error:
         log.error("%s", error)
         return 2
     # Events a killed run logged after the checkpoint being resumed are dropped: the resumed run logs them anew.
-    run.tracker = make_tracker(run_dir, accelerator.is_main_process,
-                               purge_step=run.state.global_step + 1 if plan.resume else None,
+    recounted = plan.resume and run.state.global_step != plan.resume.record["global_step"]
+    run.tracker = make_tracker(run_dir, accelerator.is_main_process,  # recounted: keep the curve logged so far
+                               purge_step=run.state.global_step + 1 if plan.resume and not recounted else None,
                                wandb_config=to_json_dict(plan.config) if plan.config.wandb else None)
     run.samples = SampleRounds(plan.config, plan.sample_file, [item.caption for item in plan.items], run_dir)
     run.plugins = PluginRunner(plan.plugins if accelerator.is_main_process else [])
@@ -765,6 +767,25 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
              f"; {run.state.nonfinite_batches} batches skipped for a NaN or infinite loss"
              if run.state.nonfinite_batches else "")
     return 0
+
+
+def recount_steps(run: Run) -> None:
+    """--force_resume with another number of processes (or other data): the step counts become the new plan's
+    at the same epoch and batch, so that the run ends, saves, validates and ends its lr schedule where this
+    plan says. The steps of TensorBoard's curve and of the checkpoint names jump there."""
+    from utils.loop_state import steps_at
+
+    state = run.state
+    global_step, optimizer_step = steps_at(state, run.plan.batches_per_epoch, run.plan.config.grad_accum)
+    if (global_step, optimizer_step) == (state.global_step, state.optimizer_step):
+        return
+    if run.accelerator.is_main_process:
+        log.warning("note: the steps are counted for this plan (--force_resume): step %d is now %d, optimizer step "
+                    "%d is now %d", state.global_step, global_step, state.optimizer_step, optimizer_step)
+    if state.last_save_step == state.global_step:
+        state.last_save_step = global_step
+    state.global_step, state.optimizer_step = global_step, optimizer_step
+    run.schedule.last_epoch = optimizer_step  # apply_group_settings then sets the lr of this step
 
 
 def train_epochs(run: Run, stop) -> bool:

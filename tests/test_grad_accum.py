@@ -218,3 +218,14 @@ def test_an_unreadable_batch_in_a_group_does_not_shrink_the_update(samples, monk
     assert state.optimizer_step == 1 and state.batches_in_group == 0
     for ours, alone in zip(weights, reference):
         torch.testing.assert_close(ours, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_at_a_position_follow_the_plan_given():
+    """--force_resume recounts a checkpoint's steps for the new plan: whole epochs, then the batches done in the
+    current one (capped at its length), and the optimizer steps of grad_accum groups, the last one short."""
+    from utils.loop_state import LoopState, steps_at
+
+    assert steps_at(LoopState(epoch=1, batch_in_epoch=0), [7, 7, 7], grad_accum=2) == (7, 4)
+    assert steps_at(LoopState(epoch=1, batch_in_epoch=4), [7, 7, 7], grad_accum=2) == (11, 6)
+    assert steps_at(LoopState(epoch=1, batch_in_epoch=6), [4, 4, 4], grad_accum=1) == (8, 8)  # more processes
+    assert steps_at(LoopState(epoch=3, batch_in_epoch=0), [4, 4, 4], grad_accum=3) == (12, 6)  # the end

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -111,7 +112,8 @@ def launch_two(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same_launch_resumes(tmp_path):
     """Process 1 raises at step 6. Process 0 learns of it from gloo (the connection closed) and keeps the
     weights at the error (errored-); the launcher ends the run. The periodic save of epoch 1 (step 4) is
-    intact, and the same launch with --resume_run continues from it to the end."""
+    intact, and the same launch with --resume_run continues from it to the end. One process continues it
+    too with --force_resume, its steps counted anew for one process."""
     settings = ("--config", "train.json", "--max_epochs", "3", "--save_every_n_epochs", "1", "--no_save_ckpt",
                 "true", "--sample_prompts", "null", "--logdir", str(tmp_path / "logs"))
     failed = launch_two("tests/error_injection.py", *settings, env={**os.environ, "ERROR_AT_STEP": "6"})
@@ -120,6 +122,15 @@ def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same
     assert "[process 1] training failed at step 6" in output and "RuntimeError: injected failure at step 6" in output
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert sorted(p.name for p in (run_dir / "ckpts").iterdir()) == ["demo-ep01-gs00004", "errored-demo-ep01-gs00006"]
+
+    one_process = tmp_path / "one_process"  # a copy of the run, continued by one process with --force_resume
+    shutil.copytree(run_dir, one_process)
+    forced = subprocess.run([sys.executable, "train.py", "--resume_run", str(one_process), "--force_resume", "true"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "step 4 is now 7" in forced.stdout + forced.stderr  # 7 batches an epoch for one process
+    assert sorted(p.name for p in (one_process / "ckpts").iterdir()) == [  # each save once, the last at the end
+        "demo-ep01-gs00004", "demo-ep02-gs00014", "errored-demo-ep01-gs00006", "last-demo-ep03-gs00021"]
 
     resumed = launch_two("train.py", "--resume_run", str(run_dir), env=dict(os.environ))
     output = resumed.stdout + resumed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -27,3 +28,12 @@ class LoopState:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def steps_at(state: LoopState, batches_per_epoch: list[int], grad_accum: int) -> tuple[int, int]:
+    """(global_step, optimizer_step) at the state's epoch and batch_in_epoch under a plan of batches_per_epoch
+    (each process's; a checkpoint's position is always at the end of a grad_accum group)."""
+    done = batches_per_epoch[:state.epoch]
+    in_epoch = min(state.batch_in_epoch, batches_per_epoch[state.epoch]) if state.epoch < len(batches_per_epoch) else 0
+    return (sum(done) + in_epoch,
+            sum(math.ceil(count / grad_accum) for count in done) + math.ceil(in_epoch / grad_accum))
