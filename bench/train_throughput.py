@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -792,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     """Measure and print the report; the exit status: 1 when a trainer failed."""
     from bench.diffusers_example import describe
 
+    # `timeout` and job schedulers stop the bench with SIGTERM: as an exception, the trainer it runs is stopped
+    # too (bench.workload.run_trainer's finally), instead of training on alone.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     args = parse_args(argv)
     settings = settings_from(args)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
