@@ -393,6 +393,30 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
     return (None if loss is None else loss.detach()), norms
 
 
+def settle_gradient_buckets(trainee: Trainee, accelerator, config: TrainConfig) -> None:
+    """One throwaway forward and backward through the trained modules, on every process, before the first step.
+
+    DistributedDataParallel regroups the gradients it averages once, at the forward after its first
+    backward, by the order in which they became ready. Without this, a resumed run would train its first
+    steps with the initial grouping where the uninterrupted run had the regrouped one, and with three or more
+    processes the sums would be added in another order (a difference in the last bits). The gradients are
+    dropped; nothing random is drawn.
+    """
+    import torch
+
+    model, device = trainee.model, accelerator.device
+    latents = torch.zeros(1, model.unet.config.in_channels, 8, 8, device=device)
+    input_ids = model.family.tokenize(model.tokenizer, [""]).to(device)
+    with accelerator.autocast():
+        with torch.set_grad_enabled(trainee.train_text_encoder):
+            conditioning = model.family.encode(trainee.text_encoder, input_ids, config.clip_skip)
+        prediction = trainee.unet(latents, torch.zeros(1, dtype=torch.long, device=device),
+                                  conditioning.hidden_states, **conditioning.unet_kwargs).sample
+    accelerator.backward(prediction.float().mean() * 0)
+    for module in trainee.trained_modules().values():
+        module.zero_grad(set_to_none=True)
+
+
 def has_images(batch: dict) -> bool:
     """Whether any image of the batch could be read (or its latents were cached)."""
     return batch["pixels"] is not None or batch["latent_params"] is not None
@@ -715,6 +739,8 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
             if plan.config.force_resume:  # the saved state brought the run's old lr and settings
                 recount_steps(run)
                 apply_group_settings(optimizer, schedule, plan.optimizer_settings)
+        if accelerator.num_processes > 1:
+            settle_gradient_buckets(trainee, accelerator, plan.config)
     except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError) as error:
         log.error("%s", error)
         return 2

@@ -160,3 +160,39 @@ def test_a_stop_that_reaches_one_process_waits_for_the_main_process_to_save(tmp_
     resumed = launch_two("train.py", "--resume_run", str(run_dir), env=dict(os.environ))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "last-demo-ep02-gs00008" in sorted(p.name for p in (run_dir / "ckpts").iterdir())
+
+
+def test_the_gradient_buckets_are_regrouped_before_the_first_step():
+    """DDP regroups its gradient buckets at the forward after its first backward. settle_gradient_buckets'
+    throwaway backward makes that the first training step's forward, in a fresh run and a resumed one alike
+    (with three processes a resumed run otherwise differed in the last bits). One process in a gloo group
+    has DDP's reducer as several do."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch.nn.parallel import DistributedDataParallel
+
+    import train
+    from utils.config import TrainConfig
+    from utils.models import load_model
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rebuilt = []
+        for settle in (False, True):
+            model = load_model("builtin:tiny")
+            model.text_encoder.requires_grad_(False)
+            unet = DistributedDataParallel(model.unet)
+            trainee = train.Trainee(model, unet, model.text_encoder, train_unet=True, train_text_encoder=False,
+                                    alphas_cumprod=model.scheduler.alphas_cumprod)
+            if settle:
+                train.settle_gradient_buckets(trainee, Accelerator(cpu=True), TrainConfig(resume_ckpt="builtin:tiny"))
+                assert all(p.grad is None for p in model.unet.parameters())  # nothing of it trains
+            hidden = torch.zeros(1, 77, model.text_encoder.config.hidden_size)
+            unet(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), hidden)  # the first step's forward
+            rebuilt.append(unet._has_rebuilt_buckets)
+        assert rebuilt == [False, True]
+    finally:
+        dist.destroy_process_group()
+        AcceleratorState._reset_state(True)  # made while the group existed: not for the tests after this one
