@@ -666,8 +666,12 @@ def effective_batch(config: TrainConfig, accelerator) -> int:
 
 def main(argv: list[str]) -> int:
     # Intel MKL may use fewer threads when the machine is busy, which changes the order of its sums: a
-    # CPU run would then differ in the last bits from the same run on an idle machine. Set before torch loads.
+    # CPU run would then differ in the last bits from the same run on an idle machine. And its code paths may
+    # depend on how the data happens to be aligned in memory (on an AMD EPYC, a resumed run's weights came out
+    # different in the last bits from the uninterrupted run's): MKL_CBWR's strict mode keeps the results the same
+    # whatever the alignment (MKL's "Conditional Numerical Reproducibility"). Set before torch loads.
     os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     if not argv:
         print(short_usage())
         return 0

@@ -47,8 +47,10 @@ from dataclasses import dataclass, field
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run as a script from anywhere: bench/ is not a package
-# As train.py: MKL may otherwise use fewer threads when the machine is busy. Set before torch loads.
+# As train.py: MKL may otherwise use fewer threads when the machine is busy, and its strict reproducibility
+# mode (which train.py sets) may cost time on the CPU, so the bare step runs with it too. Set before torch loads.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
