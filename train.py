@@ -317,7 +317,7 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
             posterior = posterior_from(params)
             # Contiguous: the VAE may hand back channels-last latents (oneDNN on the CPU), the cache never does,
             # and the UNet's kernels (so the last bits of the loss) depend on the layout.
-            latents = posterior.sample(generator).float().contiguous() * model.vae.config.scaling_factor
+            latents = posterior.sample(generator).contiguous() * model.vae.config.scaling_factor
         noise = diffusion.sample_noise(latents, generator, config.zero_frequency_noise_ratio,
                                        config.pyramid_noise_discount or 0.0)
         timesteps = diffusion.sample_timesteps(len(latents), config.timestep_start, config.timestep_end, generator,

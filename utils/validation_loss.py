@@ -88,7 +88,7 @@ def image_losses(trainee, batch: dict, seeds: list[int], config, accelerator) ->
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         latents = torch.cat([distribution.mean[i:i + 1] + distribution.std[i:i + 1] * torch.randn(
             distribution.mean[i:i + 1].shape, generator=g, device=device) for i, g in enumerate(generators)])
-        latents = latents.float().contiguous() * model.vae.config.scaling_factor  # as train_step
+        latents = latents.contiguous() * model.vae.config.scaling_factor  # as train_step
         timesteps = torch.cat([diffusion.sample_timesteps(1, config.timestep_start, config.timestep_end, g, device)
                                for g in generators])
         noise = torch.cat([diffusion.sample_noise(latents[i:i + 1], g, config.zero_frequency_noise_ratio,
