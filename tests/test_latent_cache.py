@@ -227,6 +227,37 @@ def test_unreadable_images_are_reported_and_skipped(vae, tmp_path):
         assert ("failed" in got) == (v.index in (0, 2))
 
 
+def test_a_damaged_entry_is_encoded_again_or_skipped_and_reported(vae, tmp_path):
+    """An entry cut short (a power cut, a full disk) is encoded again by the next fill. One whose size is right
+    but which safetensors cannot read (a damaged copy) is reported and skipped by the dataset, as an unreadable
+    image is, and deleted, so the next fill encodes it again."""
+    items = copy_images(tmp_path)
+    variants = image_variants(items, OPTIONS)
+    cache = LatentCache.open(str(tmp_path / "cache"), vae, items)
+    fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, progress=False)
+    sample = plan_sample(items, variants[0].index, 0, 0, OPTIONS)  # what the dataset loads, below
+    unreadable = cache.entry_path(items[sample.index].path, sample.variant)
+    cut_variant = next(v for v in variants if v != sample.variant)
+    cut = cache.entry_path(items[cut_variant.index].path, cut_variant)
+    with open(cut, "r+b") as handle:
+        handle.truncate(os.path.getsize(cut) - 4)
+    with open(unreadable, "r+b") as handle:  # the same length, an unknown dtype in the header
+        data = handle.read()
+        handle.seek(0)
+        handle.write(data.replace(b'"F32"', b'"X32"', 1))
+    assert os.path.getsize(unreadable) == len(data)
+    result = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, progress=False)
+    assert (result.encoded, result.reused) == (1, len(variants) - 1)  # the one cut short
+    assert cache.load(items[cut_variant.index].path, cut_variant).shape[0] == 8
+
+    got = PlannedImages(items, cache)[sample]
+    assert got["failed"] == items[sample.index].path
+    assert "is damaged" in got["reason"] and "the next run encodes the image again" in got["reason"]
+    assert not os.path.exists(unreadable)
+    result = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, progress=False)
+    assert (result.encoded, result.reused) == (1, len(variants) - 1)
+
+
 def test_shares_are_disjoint_and_together_complete(filled, vae, tmp_path):
     items, variants, _, _ = filled
     cache = LatentCache.open(str(tmp_path), vae, items)

@@ -11,14 +11,19 @@ encodes in (fp32, or the fp16/bf16 autocast of mixed_precision), so runs and pro
 another crop, another base model, another precision or an edited image (a re-saved file changes its size
 or its ends; an edit in place of a middle byte of an uncompressed file would go unseen) gets new entries. One
 safetensors file per entry, in subfolders named by the key's first two hex digits, each written under a
-temporary name and renamed, so a reader never sees half a file and two writers of one entry do no harm.
+temporary name, flushed to the disk and renamed, so a reader never sees half a file and two writers of one
+entry do no harm. An entry damaged all the same (a disk error, a bad copy of the folder) is encoded again by
+the next fill when its size disagrees with its header, and otherwise skipped, reported and deleted when
+training reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import struct
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -120,8 +125,10 @@ class LatentCache:
             try:
                 return load_file(entry)[PARAMS]
             except Exception as error:  # not our partial write (rename is atomic): a damaged disk or copy
-                raise RuntimeError(f"{entry}: the latent cache entry of {path} cannot be read ({error}); "
-                                   "delete it and the next run encodes it again") from error
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry)
+                raise UnreadableImage(f"its latent cache entry {entry} is damaged ({error}); it was deleted, and "
+                                      "the next run encodes the image again") from error
         failure = _read_text(entry + FAILED_SUFFIX)
         if failure is not None:
             raise UnreadableImage(f"{failure} (when the latent cache was filled)")
@@ -131,8 +138,13 @@ class LatentCache:
     def save(self, path: str, variant: Variant, params: torch.Tensor) -> None:
         """Write one entry atomically and drop any failure recorded for it."""
         entry = self.entry_path(path, variant)
-        _write_atomically(entry, lambda temporary: save_file({PARAMS: params.detach().float().cpu().contiguous()},
-                                                             temporary))
+
+        def write(temporary: str) -> None:
+            save_file({PARAMS: params.detach().float().cpu().contiguous()}, temporary)
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())  # the bytes before the name: a power cut leaves no named empty file
+
+        _write_atomically(entry, write)
         with contextlib.suppress(FileNotFoundError):
             os.remove(entry + FAILED_SUFFIX)
 
@@ -157,6 +169,20 @@ def _write_atomically(final: str, write: Callable[[str], None]) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+
+
+def entry_intact(entry: str) -> bool:
+    """Whether the file is there and as long as its safetensors header says; a cheap check (one small read)
+    that finds an empty or cut-short entry without loading it."""
+    try:
+        with open(entry, "rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_length))
+            size = os.fstat(handle.fileno()).st_size
+        data_length = max(tensor["data_offsets"][1] for name, tensor in header.items() if name != "__metadata__")
+    except (OSError, struct.error, ValueError, AttributeError, KeyError, TypeError, IndexError):
+        return False  # ValueError: JSON, UTF-8 or max() of nothing
+    return size == 8 + header_length + data_length
 
 
 def _read_text(path: str) -> str | None:
@@ -197,7 +223,8 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
     Images are loaded as the dataset loads them (data/dataset.load_pixels); one that cannot be read is
     skipped, recorded in the cache and reported in the result. `share` = (process index, processes): each
     process takes every processes-th variant of the list, so the shares are disjoint and together complete
-    whatever each process finds already cached; wait for every process before training reads the cache.
+    whatever each process finds already cached (an entry cut short counts as missing); wait for every process
+    before training reads the cache.
     `autocast` is the training's (accelerator.autocast), so latents are computed in the same precision; the
     cache must have been opened with that precision, which keys its entries.
     """
@@ -209,7 +236,7 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
         entry = cache.entry_path(path, variant)
         if entry is None:
             failed.setdefault(path, "cannot be read: the file could not be opened")
-        elif os.path.exists(entry):
+        elif entry_intact(entry):
             result.reused += 1
         else:
             missing.setdefault(tuple(variant.bucket), []).append(variant)
