@@ -244,16 +244,15 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     folder); the cache, ready for the loader."""
     from data.plan import image_variants
     from utils.latent_cache import LatentCache, fill_latent_cache as fill
-    from utils.processes import sum_over_processes
+    from utils.processes import share_on_this_machine, sum_over_processes
 
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
-    machine_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by the launchers
+    share = share_on_this_machine(accelerator)
     cache = LatentCache.open(folder, trainee.model.vae, plan.items, plan.fingerprint, accelerator.mixed_precision)
     variants = image_variants(plan.items, plan.data_options)
     result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
-                  autocast=accelerator.autocast, share=(accelerator.local_process_index, machine_processes),
-                  progress=accelerator.is_main_process)
+                  autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process)
     encoded, reused, failed = sum_over_processes(accelerator, result.encoded, result.reused,  # waits for all shares
                                                  len(result.failed))
     log.info("latent cache %s: %d image variants encoded, %d reused%s", folder, encoded, reused,
@@ -372,6 +371,7 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
             state.batches_in_group += 1
             state.nonfinite_in_a_row = 0
         else:
+            state.nonfinite_in_group += 1  # added up over the processes at the group's end
             skip_nonfinite(f"the loss is {loss.item()}, so this batch is skipped", state)
             loss = None
     if steps_now and accelerator.num_processes > 1 and not trained:
@@ -380,8 +380,10 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
             accelerator.backward(train_step(trainee, stand_in, config, state.global_step, accelerator))
     norms = {}
     if steps_now:
-        trained_batches, diverged = sum_over_processes(accelerator, state.batches_in_group,
-                                                       int(state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW))
+        trained_batches, diverged, nonfinite = sum_over_processes(
+            accelerator, state.batches_in_group, int(state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW),
+            state.nonfinite_in_group)
+        state.nonfinite_batches, state.nonfinite_in_group = state.nonfinite_batches + nonfinite, 0
         if diverged:  # decided at the end of a group, where every process is, so that all of them stop
             raise NonFiniteTraining(f"the loss was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} batches in a row "
                                     f"(up to step {state.global_step + 1}): training has diverged. Lower lr, or "
@@ -446,12 +448,11 @@ class NonFiniteTraining(Exception):
 
 
 def skip_nonfinite(what: str, state) -> None:
-    """Count a batch whose loss (or, in fp32 and bf16, a group whose gradient) is NaN or infinite, which
-    does not train; train_batch stops the run after MAX_NONFINITE_IN_A_ROW in a row on any process."""
-    state.nonfinite_batches += 1
+    """Report a batch whose loss (or, in fp32 and bf16, a group whose gradient) is NaN or infinite, which
+    does not train; train_batch stops the run after MAX_NONFINITE_IN_A_ROW in a row on any process. The
+    caller counts it in the run's total (state.nonfinite_batches, the same on every process)."""
     state.nonfinite_in_a_row += 1
-    log.warning("step %d: %s (%d in a row, %d in the run)", state.global_step + 1, what, state.nonfinite_in_a_row,
-                state.nonfinite_batches)
+    log.warning("step %d: %s (%d in a row)", state.global_step + 1, what, state.nonfinite_in_a_row)
 
 
 def ends_group(index: int, batches_in_epoch: int, grad_accum: int) -> bool:
@@ -496,6 +497,7 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
     # fp16's grad scaler skips steps with inf gradients itself (that is how it finds its scale); without one,
     # a NaN or infinite gradient from a finite loss would go into the weights.
     if accelerator.scaler is None and not all(bool(torch.isfinite(norm)) for norm in norms.values()):
+        state.nonfinite_batches += 1  # the norm is of the gradients summed over the processes: one count for all
         skip_nonfinite("the gradient norm is NaN or infinite, so this optimizer step is skipped", state)
         optimizer.zero_grad(set_to_none=True)
         return {}
@@ -868,9 +870,11 @@ def train_epochs(run: Run, stop) -> bool:
                 if ends_group(index, len(batches), plan.config.grad_accum) and index + 1 < len(batches):
                     stop_now, save_now = decide_together(run, stop, end_of_epoch=False)
                     if stop_now:
+                        list_skipped_images(skipped, run.accelerator)
                         return False
                     if save_now:
                         save_periodic(run)
+            list_skipped_images(skipped, run.accelerator)
             if state.batch_in_epoch < len(batches):  # stopped early within the epoch
                 return True
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -891,6 +895,15 @@ def train_epochs(run: Run, stop) -> bool:
         progress.close()
         if skipped.seen:
             log.info("%s", skipped.summary().lstrip("; "))
+
+
+def list_skipped_images(skipped, accelerator) -> None:
+    """The images every process skipped since the last call, into the main process's skipped_images.txt
+    (each process loads its own share of the epoch). Every process calls this at the same point."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        skipped.record(gather_object(skipped.take_unshared()))
 
 
 def log_step(run: Run, meter, spikes) -> str:

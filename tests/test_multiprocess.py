@@ -54,7 +54,8 @@ def test_one_process_trains_the_whole_plan():
 def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo), the text encoder training: one run
     folder, one set of checkpoints, every image loaded once per epoch across the two processes, and a NaN
-    loss on one process skipped without the other waiting for ever. With seed: -1 both train the main
+    loss on process 1 skipped without the other waiting for ever, and counted in the main process's log, as
+    an image process 1 could not load is listed in the main process's skipped_images.txt. With seed: -1 both train the main
     process's draw. With cache_latents the two encode the images between them, and a later one-process run
     of the same data and seed reuses every entry. The two measure the validation loss between them, and the
     untrained model's value is the one-process run's."""
@@ -62,7 +63,8 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     validation = tmp_path / "validation.json"  # every training image in the stabilize set, none held out
     validation.write_text(json.dumps({"validate_training": False, "stabilize_training_loss": True,
                                       "stabilize_split_proportion": 1.0}))
-    env = {**os.environ, "CAPTION_LOG_FILE": str(log), "NAN_AT_STEP": "1"}
+    env = {**os.environ, "CAPTION_LOG_FILE": str(log), "NAN_AT_STEP": "1", "NAN_PROCESS": "1",
+           "SKIPPED_IMAGE_ON_PROCESS": "1"}
     settings = ("--config", "train.json", "--cond_dropout", "0", "--log_step", "1", "--no_save_ckpt", "true",
                 "--sample_prompts", "null", "--cache_latents", "--latent_cache_dir", str(tmp_path / "latents"),
                 "--validation_config", str(validation))
@@ -83,6 +85,9 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     assert [p.name for p in (run_dir / "ckpts").iterdir()] == ["last-demo-ep02-gs00008"]
     losses = scalars(run_dir, "loss/log_step")
     assert [step for step, _ in losses] == list(range(1, 9)) and all(math.isfinite(v) for _, v in losses)
+    assert scalars(run_dir, "loss/nonfinite batches skipped")[-1] == (8, 1.0)
+    listed = (run_dir / "skipped_images.txt").read_text()
+    assert listed == "injected/unreadable.jpg\tcannot be read: injected on process 1\n"
     per_process = [Counter((log.parent / f"{log.name}.{rank}").read_text().splitlines()) for rank in (0, 1)]
     assert all(per_process)  # both processes loaded images
     demo = scan_dataset(str(REPO / "examples" / "images"), 256).items
@@ -196,3 +201,23 @@ def test_the_gradient_buckets_are_regrouped_before_the_first_step():
     finally:
         dist.destroy_process_group()
         AcceleratorState._reset_state(True)  # made while the group existed: not for the tests after this one
+
+
+def test_each_machine_shares_the_latent_cache_among_its_own_processes(monkeypatch):
+    """The fill's share (index on this machine, processes on it): the launcher's LOCAL_RANK and
+    LOCAL_WORLD_SIZE, or, from a launcher that sets neither, the processes' host names."""
+    import types
+
+    import accelerate.utils
+
+    from utils.processes import share_on_this_machine
+
+    accelerator = types.SimpleNamespace(num_processes=4, process_index=3, local_process_index=1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert share_on_this_machine(accelerator) == (1, 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    accelerator.local_process_index = -1  # what accelerate makes of a missing LOCAL_RANK
+    monkeypatch.setattr("socket.gethostname", lambda: "node-b")
+    ranks_hosts = ["node-a", "node-b", "node-a"]  # processes 0 to 2; this one is process 3
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: ranks_hosts + mine)
+    assert share_on_this_machine(accelerator) == (1, 2)

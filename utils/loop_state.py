@@ -17,8 +17,9 @@ class LoopState:
     elapsed_seconds: float = 0.0  # training time so far, excluding start-up
     last_save_seconds: float = 0.0  # elapsed_seconds at the last save
     last_save_step: int = -1  # global_step of the last save (-1: none yet)
-    nonfinite_batches: int = 0  # batches skipped because their loss was NaN or infinite
-    nonfinite_in_a_row: int = 0  # of those, how many just now, in a row
+    nonfinite_batches: int = 0  # batches skipped because their loss was NaN or infinite, on every process
+    nonfinite_in_a_row: int = 0  # of this process's, how many just now, in a row
+    nonfinite_in_group: int = 0  # this process's in the current grad_accum group (added to the total at its end)
     best_validation_loss: float | None = None  # the lowest held-out validation loss so far
     validations_without_improvement: int = 0  # since then (early_stopping_patience)
 

@@ -40,3 +40,20 @@ def mean_over_processes(accelerator, mean: float, count: int) -> float:
         return mean
     total, count = sum_over_processes(accelerator, mean * count if count else 0.0, count)
     return total / count if count else float("nan")
+
+
+
+def share_on_this_machine(accelerator) -> tuple[int, int]:
+    """(this process's index on its machine, the number of processes there). From the launcher's
+    LOCAL_RANK and LOCAL_WORLD_SIZE (accelerate launch and torchrun set them); without them, from the host
+    names of every process, in rank order."""
+    import os
+
+    if "LOCAL_WORLD_SIZE" in os.environ or accelerator.num_processes == 1:
+        return accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    import socket
+
+    from accelerate.utils import gather_object
+
+    hosts, here = gather_object([socket.gethostname()]), socket.gethostname()
+    return hosts[:accelerator.process_index].count(here), hosts.count(here)

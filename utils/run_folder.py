@@ -101,18 +101,26 @@ class SkipReport:
     """
 
     def __init__(self, run_dir: str | None, scanned: list):
-        self.path = os.path.join(run_dir, SKIPPED_FILE) if run_dir else None
+        self.path = os.path.join(run_dir, SKIPPED_FILE) if run_dir else None  # None: not the main process
         self.seen: set[str] = set()
+        self.unshared: list[tuple[str, str]] = []  # skipped by this process since take_unshared
         if self.path and os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as handle:
                 self.seen.update(line.split("\t", 1)[0] for line in handle if line.strip())
-        self._record([(entry.path, entry.reason) for entry in scanned])
+        self.record([(entry.path, entry.reason) for entry in scanned])
 
     def add(self, entries: list[tuple[str, str]]) -> None:
-        for path, reason in self._record(entries):
+        """Images this process could not load: logged, listed, and kept for take_unshared."""
+        for path, reason in self.record(entries):
             log.warning("skipped %s: %s", path, reason)
+            self.unshared.append((path, reason))
 
-    def _record(self, entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def take_unshared(self) -> list[tuple[str, str]]:
+        """What add() found since the last call, for the main process to list (each process loads its share)."""
+        entries, self.unshared = self.unshared, []
+        return entries
+
+    def record(self, entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Write the entries not seen before to the file; return them."""
         new = []
         for path, reason in entries:
