@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-from diffusers import StableDiffusionPipeline
+import os
 
-from utils.tiny_model import build_tiny_components
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as train.main sets it, before torch loads: for in-process runs
+
+import pytest  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from utils.tiny_model import build_tiny_components  # noqa: E402
 
 
 @pytest.fixture(scope="module")

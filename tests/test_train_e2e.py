@@ -36,8 +36,7 @@ NO_SAMPLES = ("--sample_prompts", "null")  # sampling takes longer than training
 def run_train(*args: str, cwd: Path = REPO, samples: bool = False, in_process: bool = False
               ) -> subprocess.CompletedProcess:
     """python train.py ARGS; in_process: train.main(ARGS) in this process, which saves the 5-7 s a new process
-    spends importing torch, diffusers and transformers (for tests that do not compare runs bit for bit:
-    MKL_DYNAMIC, set by train.main before torch loads, is not set here)."""
+    spends importing torch, diffusers and transformers (conftest.py sets MKL_CBWR as train.main would)."""
     argv = [*args, *(() if samples else NO_SAMPLES)]
     if in_process:
         import train
@@ -74,9 +73,9 @@ def runs(tmp_path_factory):
     demo_prompts.write_text(json.dumps({"num_inference_steps": 4, "samples": [
         {"prompt": line} for line in (REPO / "sample_prompts.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")]}))
-    return (demo_run(root / "a", "--sample_prompts", str(demo_prompts), samples=True),
+    return (demo_run(root / "a", "--sample_prompts", str(demo_prompts), samples=True, in_process=True),
             demo_run(root / "b", "--num_workers", "0", "--sample_prompts", str(quick), "--sample_steps", "3",
-                     samples=True))
+                     samples=True, in_process=True))
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
