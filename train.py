@@ -95,6 +95,31 @@ def share_random_seed(plan: RunPlan, accelerator, argv: list[str]) -> RunPlan:
     return plan if seed == plan.config.seed else plan_run(argv, random_seed=seed)
 
 
+class DataDiffersBetweenProcesses(Exception):
+    """The processes scanned different images: the data changed while they started."""
+
+
+def check_same_data(plan: RunPlan, accelerator) -> None:
+    """Every process scans the data itself and plans its share of each epoch from what it found: the shares
+    only fit together if every process found the same images, captions and sizes. Raises
+    DataDiffersBetweenProcesses, on every process, when they did not (an image added, removed or replaced
+    while the processes started)."""
+    import hashlib
+
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    sets = plan.validation.sets if plan.validation else None
+    digests = gather_object([hashlib.sha1(repr((plan.scan.items, sets)).encode()).hexdigest()])
+    if len(set(digests)) > 1:
+        differing = [index for index, digest in enumerate(digests) if digest != digests[0]]
+        raise DataDiffersBetweenProcesses(
+            f"the processes found different training data in {plan.config.data_root} (process(es) "
+            f"{', '.join(map(str, differing))} differ from process 0): images were added, removed or replaced "
+            "while the run started. Wait until the data folder stays the same, then start the run again.")
+
+
 def start_run(plan: RunPlan, accelerator) -> str | None:
     """The run folder with the settings in it, and logging into it; None on processes other than the main.
 
@@ -244,12 +269,14 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     folder); the cache, ready for the loader."""
     from data.plan import image_variants
     from utils.latent_cache import LatentCache, fill_latent_cache as fill
-    from utils.processes import share_on_this_machine, sum_over_processes
+    from utils.processes import main_process_value, share_on_this_machine, sum_over_processes
 
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
     share = share_on_this_machine(accelerator)
-    cache = LatentCache.open(folder, trainee.model.vae, plan.items, plan.fingerprint, accelerator.mixed_precision)
+    # The main process's reading of the files (the keys): a file replaced while the others read it cannot split them.
+    fingerprint = main_process_value(accelerator, plan.fingerprint if accelerator.is_main_process else None)
+    cache = LatentCache.open(folder, trainee.model.vae, plan.items, fingerprint, accelerator.mixed_precision)
     variants = image_variants(plan.items, plan.data_options)
     result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
                   autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process)
@@ -684,7 +711,8 @@ def main(argv: list[str]) -> int:
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
         if accelerator:
             plan = share_random_seed(plan, accelerator, argv)
-    except ConfigError as error:
+            check_same_data(plan, accelerator)
+    except (ConfigError, DataDiffersBetweenProcesses) as error:
         print(error, file=sys.stderr)
         return 2
     except NothingToResume as finished:

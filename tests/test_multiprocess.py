@@ -221,3 +221,27 @@ def test_each_machine_shares_the_latent_cache_among_its_own_processes(monkeypatc
     ranks_hosts = ["node-a", "node-b", "node-a"]  # processes 0 to 2; this one is process 3
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: ranks_hosts + mine)
     assert share_on_this_machine(accelerator) == (1, 2)
+
+
+
+def test_processes_that_found_different_data_stop_before_training(tmp_path, monkeypatch):
+    """Each process scans the data itself; an image added while they started would make their shares of
+    each epoch not fit together. Every process compares what it found, and all stop with the same message."""
+    import types
+
+    import accelerate.utils
+
+    import train
+
+    images = tmp_path / "images"
+    shutil.copytree(REPO / "examples" / "images", images)
+    settings = ["--config", str(REPO / "train.json"), "--data_root", str(images)]
+    accelerator = types.SimpleNamespace(num_processes=2)
+    process_0 = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: process_0.extend(mine) or mine + mine)
+    train.check_same_data(train.plan_run(settings), accelerator)  # the same data on both: nothing to say
+
+    shutil.copyfile(images / "sunset.jpg", images / "a new sunset.jpg")  # added before process 1 scanned
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: process_0 + mine)
+    with pytest.raises(train.DataDiffersBetweenProcesses, match=r"process\(es\) 1 differ from process 0"):
+        train.check_same_data(train.plan_run(settings), accelerator)
