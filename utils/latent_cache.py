@@ -46,6 +46,8 @@ FAILED_SUFFIX = ".failed"  # beside a missing entry: why its image could not be 
 PARAMS = "params"  # the tensor's name in an entry file
 IO_THREADS = 8  # image reads, decodes and resizes: Pillow releases the GIL for most of them
 PREFETCH_BATCHES = 2  # batches loaded ahead while the VAE encodes one
+WRITE_THREADS = 4  # entries written and flushed to the disk while the VAE encodes the next batches
+MAX_PENDING_WRITES = 256  # entries encoded but not yet written (about 33 MB at 512 px) before the VAE waits
 
 
 class MissingLatents(LookupError):
@@ -244,7 +246,8 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
                for start in range(0, len(group), batch_size)]
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(IO_THREADS) as pool, \
+    writes = deque()  # entries being written (each flushed to the disk: the writer threads wait on it)
+    with ThreadPoolExecutor(IO_THREADS) as pool, ThreadPoolExecutor(WRITE_THREADS) as writer, \
             tqdm(total=sum(map(len, batches)), desc="caching latents", unit="image", dynamic_ncols=True,
                  disable=None if progress else True) as bar:
         for batch, loaded in _prefetched(pool, items, batches):
@@ -259,9 +262,13 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
             if good:
                 params = encode_posterior(vae, torch.stack([pixels for _, _, pixels in good]), device, autocast)
                 for (path, variant, _), row in zip(good, params):
-                    cache.save(path, variant, row)
+                    writes.append(writer.submit(cache.save, path, variant, row))
+                while len(writes) > MAX_PENDING_WRITES:
+                    writes.popleft().result()
                 result.encoded += len(good)
             bar.update(len(batch))
+        for write in writes:
+            write.result()  # each entry is on the disk before the cache is used; raises a write's error
     result.failed = sorted(failed.items())
     return result
 
