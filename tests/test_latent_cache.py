@@ -389,3 +389,11 @@ def test_train_step_gives_the_same_loss_from_cached_latents_and_text_embeddings(
     assert torch.equal(cached, expected)  # the same VAE batch, the same step generator: the same draws
     assert trainee.text_embeddings.encoded == 2
 
+
+
+def test_the_write_benchmark_writes_entries_the_cache_reads(tmp_path):
+    """bench/latent_cache_writes.py times LatentCache.save itself (doc/PERFORMANCE.md's figures)."""
+    from bench.latent_cache_writes import milliseconds_per_entry
+
+    assert milliseconds_per_entry(LatentCache.save, 3, 2, str(tmp_path)) > 0
+    assert not os.listdir(tmp_path)  # its temporary folder is removed
