@@ -29,7 +29,7 @@ NEVER = str(10**9)  # steps: no checkpoint during the timing
 
 
 def unsupported(settings) -> str | None:
-    """Why the example cannot train what `settings` (bench.train_throughput.Settings) asks for; None if it can."""
+    """Why the example cannot train what `settings` (bench.settings.Settings) asks for; None if it can."""
     if settings.train_text_encoder:
         return "it trains the UNet only: leave out --train_text_encoder"
     if settings.attention == "slice":

@@ -1,6 +1,6 @@
-"""bench/train_throughput.py and bench/step_timer.py: the bare training step, its FLOP count, the trainer
-command it times, how a trainer's failure is reported, and the random-weight architectures it builds
-(utils/architectures.py)."""
+"""bench/train_throughput.py (with bench/bare_step.py, bench/report.py and bench/settings.py) and
+bench/step_timer.py: the bare training step, its FLOP count, the trainer command it times, how a trainer's
+failure is reported, and the random-weight architectures it builds (utils/architectures.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import diffusers_example, train_throughput, workload
+from bench import bare_step, diffusers_example, train_throughput, workload
+from bench.bare_step import BareStep, attention_flop_formulas, measure_bare
+from bench.report import data_loading_text, report, table_peak
+from bench.settings import REPO_ROOT, BareResult, Measurement, Settings, train_command
 from bench.step_timer import ENV_VAR, StepTimer, read_step_times
-from bench.train_throughput import (REPO_ROOT, BareStep, Settings, attention_flop_formulas, measure_bare, report,
-                                    train_command)
 from bench.workload import METADATA_FILE, TrainerFailed, write_model_folder, write_training_images
 from utils.architectures import ARCHITECTURES, build_random_components
 from utils.config import merge, parse_cli
@@ -192,8 +193,6 @@ def test_the_example_is_timed_from_its_tensorboard_events(tmp_path):
 
 
 def test_the_report_compares_the_trainer_with_the_example_and_gives_no_mfu_where_the_flops_differ():
-    from bench.train_throughput import BareResult, Measurement
-
     flops = {"text encoder forward": 10**9, "UNet forward": 3 * 10**9, "backward": 6 * 10**9}
     bare = BareResult([0.5, 0.5], 2, 10**9, "peak RSS", flops)
     full, example = Measurement([0.5, 0.5], 2, 10**9, "peak RSS"), Measurement([0.75, 0.75], 2, None, "n/a")
@@ -262,7 +261,7 @@ def test_the_bare_step_keeps_the_frozen_parts_in_fp32_under_autocast_as_train_py
     assert {p.dtype for p in bare.plain["text_encoder"].parameters()} == {torch.float32}
     assert bare.pixels.dtype == torch.float32 and bare.encode(bare.pixels).dtype == torch.float32
     assert torch.isfinite(bare.step())
-    train_throughput.release(bare)  # before the trainers run: no module of it may stay on the device
+    bare_step.release(bare)  # before the trainers run: no module of it may stay on the device
 
     def holds_a_module(value) -> bool:
         inside = value.values() if isinstance(value, dict) else ()
@@ -290,7 +289,7 @@ def test_the_trainers_data_loading_workers_are_0_on_the_cpu_and_train_py_s_choic
         example = diffusers_example.example_command(Settings(num_workers=workers), "ex.py", "m", "d", "o", 1e-5)
         given = automatic_num_workers() if workers is None else workers
         assert example[example.index("--dataloader_num_workers") + 1] == str(given)
-        assert f"Data loading: {given} worker" in train_throughput.data_loading_text(Settings(num_workers=workers))
+        assert f"Data loading: {given} worker" in data_loading_text(Settings(num_workers=workers))
 
 
 def test_a_failing_trainer_is_reported_failed_and_the_bare_step_s_numbers_are_kept(tmp_path, capsys, monkeypatch,
@@ -313,6 +312,7 @@ def test_a_failing_trainer_is_reported_failed_and_the_bare_step_s_numbers_are_ke
         return spied
 
     monkeypatch.setattr(workload, "run_trainer", failing)
+    # main calls them by its own module's names (bare_memory imported from bench.bare_step): spied there.
     monkeypatch.setattr(train_throughput, "bare_memory", spy(train_throughput.bare_memory, "bare memory"))
     monkeypatch.setattr(train_throughput, "write_workload", spy(train_throughput.write_workload, "workload"))
     status = train_throughput.main(["--model", "tiny", "--resolution", "256", "--batch", "1", "--steps", "2",
@@ -338,7 +338,7 @@ def test_a_trainer_past_its_time_limit_is_stopped_and_reported():
 
 
 def test_the_peak_table_takes_the_most_specific_name():
-    table = train_throughput.table_peak
+    table = table_peak
     assert table("NVIDIA H200 NVL") == ("H200 NVL", 835.0) and table("NVIDIA H200") == ("H200", 989.0)
     assert table("NVIDIA H100 NVL") == ("H100 NVL", 835.0) and table("NVIDIA H100 PCIe") == ("H100 PCIe", 756.0)
     assert table("NVIDIA H100 80GB HBM3") == ("H100", 989.0) and table("NVIDIA A100-SXM4-80GB") == ("A100", 312.0)
@@ -348,8 +348,6 @@ def test_the_peak_table_takes_the_most_specific_name():
 def test_cuda_memory_is_reported_allocated_and_reserved(tmp_path, monkeypatch):
     """The StepTimer records train.py's max_memory_reserved beside max_memory_allocated on CUDA; the report
     shows the reserved peak in brackets."""
-    from bench.train_throughput import BareResult, Measurement
-
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "steps.txt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
