@@ -106,12 +106,12 @@ def check_same_data(plan: RunPlan, accelerator) -> None:
     while the processes started)."""
     import hashlib
 
+    from utils.processes import gathered
+
     if accelerator.num_processes == 1:
         return
-    from accelerate.utils import gather_object
-
     sets = plan.validation.sets if plan.validation else None
-    digests = gather_object([hashlib.sha1(repr((plan.scan.items, sets)).encode()).hexdigest()])
+    digests = gathered(accelerator, [hashlib.sha1(repr((plan.scan.items, sets)).encode()).hexdigest()])
     if len(set(digests)) > 1:
         differing = [index for index, digest in enumerate(digests) if digest != digests[0]]
         raise DataDiffersBetweenProcesses(
@@ -928,10 +928,9 @@ def train_epochs(run: Run, stop) -> bool:
 def list_skipped_images(skipped, accelerator) -> None:
     """The images every process skipped since the last call, into the main process's skipped_images.txt
     (each process loads its own share of the epoch). Every process calls this at the same point."""
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
+    from utils.processes import gathered
 
-        skipped.record(gather_object(skipped.take_unshared()))
+    skipped.record(gathered(accelerator, skipped.take_unshared()))  # the main process's own are listed already
 
 
 def log_step(run: Run, meter, spikes) -> str:

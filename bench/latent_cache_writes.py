@@ -25,14 +25,14 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from data.plan import Variant  # noqa: E402
-from utils.latent_cache import WRITE_THREADS, LatentCache  # noqa: E402
+from utils.latent_cache import PARAMS, WRITE_THREADS, LatentCache  # noqa: E402
 
 
 def unflushed_save(cache: LatentCache, path: str, variant: Variant, params: torch.Tensor) -> None:
     """What LatentCache.save did before it flushed: write under a temporary name, rename."""
     entry = cache.entry_path(path, variant)
     os.makedirs(os.path.dirname(entry), exist_ok=True)
-    save_file({"params": params}, entry + ".tmp")
+    save_file({PARAMS: params}, entry + ".tmp")
     os.replace(entry + ".tmp", entry)
 
 

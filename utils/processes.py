@@ -42,6 +42,14 @@ def mean_over_processes(accelerator, mean: float, count: int) -> float:
     return total / count if count else float("nan")
 
 
+def gathered(accelerator, values: list) -> list:
+    """Every process's list of picklable values, joined in rank order, on every process."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    from accelerate.utils import gather_object
+
+    return gather_object(values)
+
 
 def share_on_this_machine(accelerator) -> tuple[int, int]:
     """(this process's index on its machine, the number of processes there). From the launcher's
@@ -53,7 +61,6 @@ def share_on_this_machine(accelerator) -> tuple[int, int]:
         return accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     import socket
 
-    from accelerate.utils import gather_object
-
-    hosts, here = gather_object([socket.gethostname()]), socket.gethostname()
+    here = socket.gethostname()
+    hosts = gathered(accelerator, [here])
     return hosts[:accelerator.process_index].count(here), hosts.count(here)
