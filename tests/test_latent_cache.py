@@ -258,6 +258,39 @@ def test_a_damaged_entry_is_encoded_again_or_skipped_and_reported(vae, tmp_path)
     assert (result.encoded, result.reused) == (1, len(variants) - 1)
 
 
+def test_an_entry_reaches_the_disk_before_it_gets_its_name(filled, tmp_path, monkeypatch):
+    """The entry's bytes are flushed to the disk (fsync) while it still has its temporary name, so a power cut
+    cannot leave a named entry whose data never reached the disk (an empty or cut-short file that a journaling
+    file system may keep after the rename)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file behind a descriptor (Linux)")
+    items, variants, cache, _ = filled
+    cache = dataclasses.replace(cache, folder=str(tmp_path / "cache"))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", os.path.basename(path), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("rename", os.path.basename(source), os.path.basename(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    variant = variants[0]
+    cache.save(items[variant.index].path, variant, torch.ones(8, 8, 8))
+
+    entry = cache.entry_path(items[variant.index].path, variant)
+    (rename,) = [event for event in events if event[0] == "rename"]
+    temporary = rename[1]
+    assert rename[2] == os.path.basename(entry) and temporary != rename[2]
+    synced = [event for event in events[:events.index(rename)] if event[:2] == ("fsync", temporary)]
+    assert synced and synced[-1][2] == os.path.getsize(entry)  # every byte, before the rename
+
+
 def test_shares_are_disjoint_and_together_complete(filled, vae, tmp_path):
     items, variants, _, _ = filled
     cache = LatentCache.open(str(tmp_path), vae, items)

@@ -39,6 +39,7 @@ from data.fingerprint import dataset_fingerprint
 from data.image_io import UNREADABLE
 from data.items import ImageItem
 from data.plan import Variant
+from utils.checkpoint import fsync_file
 
 CACHE_FORMAT = 1  # part of every key: bump it when image loading or what an entry holds changes
 ENTRY_SUFFIX = ".safetensors"
@@ -143,8 +144,7 @@ class LatentCache:
 
         def write(temporary: str) -> None:
             save_file({PARAMS: params.detach().float().cpu().contiguous()}, temporary)
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())  # the bytes before the name: a power cut leaves no named empty file
+            fsync_file(temporary)  # the bytes before the name: a power cut leaves no named empty file
 
         _write_atomically(entry, write)
         with contextlib.suppress(FileNotFoundError):
