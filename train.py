@@ -853,7 +853,7 @@ def train_epochs(run: Run, stop) -> bool:
     (it is honoured at the end of an optimizer step, where the run can be saved and resumed exactly)."""
     import functools
 
-    from data.dataset import EpochBatches, make_loader
+    from data.dataset import EpochBatches, make_loader, stop_workers
     from utils.loop_reports import LossMeter, Progress
     from utils.plugins import DataTransforms
     from utils.run_folder import SkipReport
@@ -920,6 +920,7 @@ def train_epochs(run: Run, stop) -> bool:
                 return False
         return True
     finally:
+        stop_workers(loader)
         progress.close()
         if skipped.seen:
             log.info("%s", skipped.summary().lstrip("; "))

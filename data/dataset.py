@@ -126,3 +126,17 @@ def make_loader(items: list[ImageItem], batches: EpochBatches, num_workers: int,
         PlannedImages(items, latent_cache, transforms), batch_sampler=batches, collate_fn=Collate(tokenize),
         num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
         worker_init_fn=ignore_stop_signals if num_workers else None)
+
+
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """End the loader's persistent workers now; call it when training ends, however it ends.
+
+    The workers ignore SIGTERM (above), and Python's multiprocessing ends its remaining children at exit with
+    SIGTERM and then waits for them: a process whose loader outlived the loop (an exception raised in a
+    worker keeps the loader's iterator referenced) would wait for ever instead of exiting. DataLoader has no
+    public way to end persistent workers; its iterator's own shutdown is what it runs when collected.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

@@ -166,3 +166,32 @@ def test_nan_losses_in_a_row_stop_the_run_with_a_message(tmp_path, monkeypatch):
     assert "NaN or infinite for 5 batches in a row" in log and "Lower lr" in log
     (saved,) = (run_dir / "ckpts").iterdir()  # the weights never took a NaN step: kept for inspection
     assert saved.name.startswith("errored-")
+
+
+def test_an_error_in_a_loading_worker_saves_the_weights_and_ends_the_workers(tmp_path, monkeypatch):
+    """An exception raised in a data-loading worker (a bug, a disk gone) ends the run as any error does: exit
+    code 1 and an errored- checkpoint. And the workers are stopped: they ignore SIGTERM, the signal Python's
+    exit sends them, so a process that left them running waited for them for ever instead of exiting."""
+    import itertools
+    import multiprocessing
+
+    from data.dataset import PlannedImages
+
+    real_item, calls = PlannedImages.__getitem__, itertools.count(1)  # counted in the (forked) worker
+
+    def third_item_fails(self, sample):
+        if next(calls) == 3:
+            raise OSError("injected: the disk went away")
+        return real_item(self, sample)
+
+    monkeypatch.setattr(PlannedImages, "__getitem__", third_item_fails)
+    monkeypatch.chdir(REPO)
+    children_before = set(multiprocessing.active_children())
+    code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", "1", "--logdir",
+                       str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null"])
+    assert code == 1
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    assert "OSError: injected: the disk went away" in (run_dir / "train.log").read_text()
+    (saved,) = (run_dir / "ckpts").iterdir()
+    assert saved.name == "errored-demo-ep00-gs00001"
+    assert set(multiprocessing.active_children()) <= children_before
