@@ -1,17 +1,21 @@
 """train.py with trouble on one process, for what a multi-process run does with it (tests/test_multiprocess.py
 launches it with accelerate): a NaN loss on process $NAN_PROCESS (default 0) at step $NAN_AT_STEP, and, when
-$SKIPPED_IMAGE_ON_PROCESS is set, an image that process reports unreadable at its first training batch."""
+$SKIPPED_IMAGE_ON_PROCESS is set, an image that process reports unreadable at its first training batch; when
+$REPLACED_IMAGE_ON_PROCESS is set, that process reads another content for the first image than the others do
+(the file replaced while the processes started): the latent cache must key it as the main process read it."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import data.fingerprint  # noqa: E402
 import train  # noqa: E402
 from utils.run_folder import SkipReport  # noqa: E402
 
 original_train_step = train.train_step
 original_add_skipped = SkipReport.add
+original_file_digest = data.fingerprint.file_digest
 INJECTED_IMAGE = "injected/unreadable.jpg"
 
 
@@ -32,8 +36,18 @@ def add_skipped(self, entries):
     original_add_skipped(self, entries)
 
 
+def file_digest(path):
+    """data/fingerprint.py's reading of an image file; on the process named, the first image reads as replaced."""
+    size, digest = original_file_digest(path)
+    first = min(os.listdir(os.path.dirname(path)))
+    if os.environ.get("REPLACED_IMAGE_ON_PROCESS") == os.environ.get("RANK") and os.path.basename(path) == first:
+        return [size, "replaced" + digest[8:]]
+    return [size, digest]
+
+
 train.train_step = train_step
 SkipReport.add = add_skipped
+data.fingerprint.file_digest = file_digest
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))

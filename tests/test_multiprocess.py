@@ -55,16 +55,17 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo), the text encoder training: one run
     folder, one set of checkpoints, every image loaded once per epoch across the two processes, and a NaN
     loss on process 1 skipped without the other waiting for ever, and counted in the main process's log, as
-    an image process 1 could not load is listed in the main process's skipped_images.txt. With seed: -1 both train the main
-    process's draw. With cache_latents the two encode the images between them, and a later one-process run
-    of the same data and seed reuses every entry. The two measure the validation loss between them, and the
-    untrained model's value is the one-process run's."""
+    an image process 1 could not load is listed in the main process's skipped_images.txt. With seed: -1 both
+    train the main process's draw. With cache_latents the two encode the images between them, keyed as the
+    main process read the files (process 1 reads one as replaced), and a later one-process run of the same
+    data and seed reuses every entry. The two measure the validation loss between them, and the untrained
+    model's value is the one-process run's."""
     log = tmp_path / "captions"
     validation = tmp_path / "validation.json"  # every training image in the stabilize set, none held out
     validation.write_text(json.dumps({"validate_training": False, "stabilize_training_loss": True,
                                       "stabilize_split_proportion": 1.0}))
     env = {**os.environ, "CAPTION_LOG_FILE": str(log), "NAN_AT_STEP": "1", "NAN_PROCESS": "1",
-           "SKIPPED_IMAGE_ON_PROCESS": "1"}
+           "SKIPPED_IMAGE_ON_PROCESS": "1", "REPLACED_IMAGE_ON_PROCESS": "1"}
     settings = ("--config", "train.json", "--cond_dropout", "0", "--log_step", "1", "--no_save_ckpt", "true",
                 "--sample_prompts", "null", "--cache_latents", "--latent_cache_dir", str(tmp_path / "latents"),
                 "--validation_config", str(validation))
