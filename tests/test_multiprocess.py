@@ -3,6 +3,7 @@ main process writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import psutil  # accelerate's dependency
 import pytest
 
 from data.items import ImageItem, scan_dataset
@@ -51,6 +53,27 @@ def test_one_process_trains_the_whole_plan():
     assert process_share(planned, 0, options) is planned
 
 
+def launch_two(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """accelerate launch with two processes on the CPU (gloo). A launch that hangs is ended whole when the
+    timeout passes: the launcher, its training processes and their loader workers (killing the launcher alone
+    left the others running, and slowing every test after)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as launch:
+        try:
+            stdout, stderr = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # The launcher starts each training process in a session of its own: end the tree, not a group.
+            tree = psutil.Process(launch.pid)
+            for process in [*tree.children(recursive=True), tree]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            stdout, stderr = launch.communicate()
+            pytest.fail(f"the launch ran past {timeout} s:\n{stdout}{stderr}")
+    return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
+
+
 def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo), the text encoder training: one run
     folder, one set of checkpoints, every image loaded once per epoch across the two processes, and a NaN
@@ -69,12 +92,8 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     settings = ("--config", "train.json", "--cond_dropout", "0", "--log_step", "1", "--no_save_ckpt", "true",
                 "--sample_prompts", "null", "--cache_latents", "--latent_cache_dir", str(tmp_path / "latents"),
                 "--validation_config", str(validation))
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/nan_injection.py", *settings,
-         "--max_epochs", "2", "--logdir", str(tmp_path / "logs"), "--plugins", "tests.recording_plugin.CaptionLog",
-         "--seed", "-1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two("tests/nan_injection.py", *settings, "--max_epochs", "2", "--logdir", str(tmp_path / "logs"),
+                        "--plugins", "tests.recording_plugin.CaptionLog", "--seed", "-1", env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "effective batch: 4 images per optimizer step (batch_size 2 x grad_accum 1 x 2 processes)" in output
@@ -105,14 +124,6 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     two, one = scalars(run_dir, "loss/stabilize-train"), scalars(one_process_run, "loss/stabilize-train")
     assert [step for step, _ in two] == [0, 4, 8] and [step for step, _ in one] == [0, 7]
     assert two[0][1] == pytest.approx(one[0][1], rel=1e-6)
-
-
-def launch_two(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """accelerate launch with two processes on the CPU (gloo)."""
-    return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same_launch_resumes(tmp_path):
