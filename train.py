@@ -95,29 +95,44 @@ def share_random_seed(plan: RunPlan, accelerator, argv: list[str]) -> RunPlan:
     return plan if seed == plan.config.seed else plan_run(argv, random_seed=seed)
 
 
-class DataDiffersBetweenProcesses(Exception):
-    """The processes scanned different images: the data changed while they started."""
+class ProcessesPlannedDifferently(Exception):
+    """The processes of a launch found other data, settings or checkpoints to resume as they started."""
 
 
-def check_same_data(plan: RunPlan, accelerator) -> None:
-    """Every process scans the data itself and plans its share of each epoch from what it found: the shares
-    only fit together if every process found the same images, captions and sizes. Raises
-    DataDiffersBetweenProcesses, on every process, when they did not (an image added, removed or replaced
-    while the processes started)."""
+def check_same_plan(plan: RunPlan, accelerator) -> None:
+    """Every process plans the run itself (reads the config, resolves --resume_run and findlast, scans the
+    data) and trains its share of each epoch from its own plan: the shares only fit together, and the
+    processes only meet at the same points, if every process planned the same run. Raises
+    ProcessesPlannedDifferently, on every process, when they did not."""
     import hashlib
 
     from utils.processes import gathered
 
     if accelerator.num_processes == 1:
         return
-    sets = plan.validation.sets if plan.validation else None
-    digests = gathered(accelerator, [hashlib.sha1(repr((plan.scan.items, sets)).encode()).hexdigest()])
-    if len(set(digests)) > 1:
-        differing = [index for index, digest in enumerate(digests) if digest != digests[0]]
-        raise DataDiffersBetweenProcesses(
-            f"the processes found different training data in {plan.config.data_root} (process(es) "
-            f"{', '.join(map(str, differing))} differ from process 0): images were added, removed or replaced "
-            "while the run started. Wait until the data folder stays the same, then start the run again.")
+    config = to_json_dict(plan.config)
+    config.pop("num_workers")  # from each machine's cores: it may differ
+    parts = {
+        f"training data in {plan.config.data_root}: images were added, removed or replaced while the processes "
+        "started. Wait until the data folder stays the same": (
+            plan.scan.items, plan.validation.sets if plan.validation else None),
+        "settings: each machine read its own config or optimizer file. Make them the same on every machine": (
+            config, plan.optimizer_settings),
+        "checkpoint to resume from: each machine found its own in its copy of logdir. Let every machine see "
+        "the main machine's logdir (a shared folder, or a copy)": (
+            (plan.resume.checkpoint, plan.resume.record["global_step"]) if plan.resume else None),
+    }
+    mine = tuple(hashlib.sha1(repr(value).encode()).hexdigest() for value in parts.values())
+    every = gathered(accelerator, [mine])
+    problems = []
+    for part, what in enumerate(parts):
+        differing = [str(index) for index, digests in enumerate(every) if digests[part] != every[0][part]]
+        if differing:
+            problems.append(f"process(es) {', '.join(differing)} found other {what}.")
+    if problems:
+        raise ProcessesPlannedDifferently(
+            "the processes of this launch planned different runs, which cannot train together: "
+            + " ".join(problems) + " Then start the run again.")
 
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
@@ -423,25 +438,33 @@ def train_batch(trainee: Trainee, batch: dict, index: int, batches_in_epoch: int
 
 
 def settle_gradient_buckets(trainee: Trainee, accelerator, config: TrainConfig) -> None:
-    """One throwaway forward and backward through the trained modules, on every process, before the first step.
+    """A throwaway forward and backward through the trained modules, then a forward, on every process, before
+    the first step.
 
     DistributedDataParallel regroups the gradients it averages once, at the forward after its first
-    backward, by the order in which they became ready. Without this, a resumed run would train its first
-    steps with the initial grouping where the uninterrupted run had the regrouped one, and with three or more
-    processes the sums would be added in another order (a difference in the last bits). The gradients are
-    dropped; nothing random is drawn.
+    backward, by the order in which they became ready, and broadcasts the grouping from the main process.
+    Done here, that happens at the same point on every process. Otherwise it would come at the first training
+    forward: a process whose first batch could not be read skips that forward, and would pair the broadcast
+    with another collective (a hang); and a resumed run would train its first steps with the initial grouping
+    where the uninterrupted run had the regrouped one (with three or more processes the sums would be added
+    in another order: a difference in the last bits). The gradients are dropped; nothing random is drawn.
     """
     import torch
 
     model, device = trainee.model, accelerator.device
     latents = torch.zeros(1, model.unet.config.in_channels, 8, 8, device=device)
     input_ids = model.family.tokenize(model.tokenizer, [""]).to(device)
-    with accelerator.autocast():
-        with torch.set_grad_enabled(trainee.train_text_encoder):
-            conditioning = model.family.encode(trainee.text_encoder, input_ids, config.clip_skip)
-        prediction = trainee.unet(latents, torch.zeros(1, dtype=torch.long, device=device),
-                                  conditioning.hidden_states, **conditioning.unet_kwargs).sample
-    accelerator.backward(prediction.float().mean() * 0)
+
+    def forward() -> torch.Tensor:
+        with accelerator.autocast():
+            with torch.set_grad_enabled(trainee.train_text_encoder):
+                conditioning = model.family.encode(trainee.text_encoder, input_ids, config.clip_skip)
+            return trainee.unet(latents, torch.zeros(1, dtype=torch.long, device=device),
+                                conditioning.hidden_states, **conditioning.unet_kwargs).sample
+
+    accelerator.backward(forward().float().mean() * 0)
+    with gradient_sync(accelerator, trainee, enabled=False):  # a forward that no backward follows
+        forward()
     for module in trainee.trained_modules().values():
         module.zero_grad(set_to_none=True)
 
@@ -711,8 +734,8 @@ def main(argv: list[str]) -> int:
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
         if accelerator:
             plan = share_random_seed(plan, accelerator, argv)
-            check_same_data(plan, accelerator)
-    except (ConfigError, DataDiffersBetweenProcesses) as error:
+            check_same_plan(plan, accelerator)
+    except (ConfigError, ProcessesPlannedDifferently) as error:
         print(error, file=sys.stderr)
         return 2
     except NothingToResume as finished:

@@ -180,11 +180,10 @@ def test_a_stop_that_reaches_one_process_waits_for_the_main_process_to_save(tmp_
 
 
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():
-    """DDP regroups its gradient buckets at the forward after its first backward. settle_gradient_buckets'
-    throwaway backward makes that the first training step's forward, in a fresh run and a resumed one alike
-    (with three processes a resumed run otherwise differed in the last bits). One process in a gloo group
-    has DDP's reducer as several do."""
-    import torch
+    """DDP regroups its gradient buckets at the first forward after its first backward.
+    settle_gradient_buckets does both, so every process regroups there and not at its first training
+    forward, which one process may skip (its batch unreadable) while the others broadcast the grouping. One
+    process in a gloo group has DDP's reducer as several do."""
     import torch.distributed as dist
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -196,20 +195,18 @@ def test_the_gradient_buckets_are_regrouped_before_the_first_step():
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        rebuilt = []
-        for settle in (False, True):
+        for train_text_encoder in (False, True):
             model = load_model("builtin:tiny")
-            model.text_encoder.requires_grad_(False)
+            model.text_encoder.requires_grad_(train_text_encoder)
             unet = DistributedDataParallel(model.unet)
-            trainee = train.Trainee(model, unet, model.text_encoder, train_unet=True, train_text_encoder=False,
+            text_encoder = DistributedDataParallel(model.text_encoder) if train_text_encoder else model.text_encoder
+            trainee = train.Trainee(model, unet, text_encoder, train_unet=True, train_text_encoder=train_text_encoder,
                                     alphas_cumprod=model.scheduler.alphas_cumprod)
-            if settle:
-                train.settle_gradient_buckets(trainee, Accelerator(cpu=True), TrainConfig(resume_ckpt="builtin:tiny"))
-                assert all(p.grad is None for p in model.unet.parameters())  # nothing of it trains
-            hidden = torch.zeros(1, 77, model.text_encoder.config.hidden_size)
-            unet(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), hidden)  # the first step's forward
-            rebuilt.append(unet._has_rebuilt_buckets)
-        assert rebuilt == [False, True]
+            assert not unet._has_rebuilt_buckets
+            train.settle_gradient_buckets(trainee, Accelerator(cpu=True), TrainConfig(resume_ckpt="builtin:tiny"))
+            assert unet._has_rebuilt_buckets  # before any training forward
+            assert not train_text_encoder or text_encoder._has_rebuilt_buckets
+            assert all(p.grad is None for p in model.unet.parameters())  # nothing of it trains
     finally:
         dist.destroy_process_group()
         AcceleratorState._reset_state(True)  # made while the group existed: not for the tests after this one
@@ -236,9 +233,12 @@ def test_each_machine_shares_the_latent_cache_among_its_own_processes(monkeypatc
 
 
 
-def test_processes_that_found_different_data_stop_before_training(tmp_path, monkeypatch):
-    """Each process scans the data itself; an image added while they started would make their shares of
-    each epoch not fit together. Every process compares what it found, and all stop with the same message."""
+def test_processes_that_planned_different_runs_stop_before_training(tmp_path, monkeypatch):
+    """Each process plans the run itself. An image added while they started would make their shares of each
+    epoch not fit together; other settings, or another checkpoint to resume (machines each with their own
+    copy of logdir), would have them train different steps and wait on each other for ever. Every process
+    compares its plan with the others', and all stop with the same message, naming what differs."""
+    import dataclasses
     import types
 
     import accelerate.utils
@@ -251,9 +251,20 @@ def test_processes_that_found_different_data_stop_before_training(tmp_path, monk
     accelerator = types.SimpleNamespace(num_processes=2)
     process_0 = []
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: process_0.extend(mine) or mine + mine)
-    train.check_same_data(train.plan_run(settings), accelerator)  # the same data on both: nothing to say
-
-    shutil.copyfile(images / "sunset.jpg", images / "a new sunset.jpg")  # added before process 1 scanned
+    plan = train.plan_run(settings)
+    train.check_same_plan(plan, accelerator)  # the same plan on both: nothing to say
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: process_0 + mine)
-    with pytest.raises(train.DataDiffersBetweenProcesses, match=r"process\(es\) 1 differ from process 0"):
-        train.check_same_data(train.plan_run(settings), accelerator)
+    train.check_same_plan(train.plan_run([*settings, "--num_workers", "7"]), accelerator)  # each machine's own
+
+    def differences(plan_of_process_1) -> str:
+        with pytest.raises(train.ProcessesPlannedDifferently) as raised:
+            train.check_same_plan(plan_of_process_1, accelerator)
+        return str(raised.value)
+
+    assert "process(es) 1 found other settings" in differences(train.plan_run([*settings, "--lr", "3e-6"]))
+    resumed = dataclasses.replace(plan, resume=types.SimpleNamespace(checkpoint="logs/run/ckpts/demo-ep01-gs00004",
+                                                                      record={"global_step": 4}))
+    assert "process(es) 1 found other checkpoint to resume from" in differences(resumed)
+    shutil.copyfile(images / "sunset.jpg", images / "a new sunset.jpg")  # added before process 1 scanned
+    message = differences(train.plan_run(settings))
+    assert f"process(es) 1 found other training data in {images}" in message and "settings" not in message
