@@ -84,57 +84,6 @@ def multi_process_settings(config: TrainConfig) -> list:
             InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))]
 
 
-def share_random_seed(plan: RunPlan, accelerator, argv: list[str]) -> RunPlan:
-    """With `seed: -1` each process drew its own seed; every process must train the main process's (the
-    epoch plan each takes its share of, the crops and the noise all come from it): the others plan again."""
-    from utils.processes import main_process_value
-
-    if accelerator.num_processes == 1 or plan.loaded.config.seed != -1:
-        return plan
-    seed = main_process_value(accelerator, plan.config.seed)
-    return plan if seed == plan.config.seed else plan_run(argv, random_seed=seed)
-
-
-class ProcessesPlannedDifferently(Exception):
-    """The processes of a launch found other data, settings or checkpoints to resume as they started."""
-
-
-def check_same_plan(plan: RunPlan, accelerator) -> None:
-    """Every process plans the run itself (reads the config, resolves --resume_run and findlast, scans the
-    data) and trains its share of each epoch from its own plan: the shares only fit together, and the
-    processes only meet at the same points, if every process planned the same run. Raises
-    ProcessesPlannedDifferently, on every process, when they did not."""
-    import hashlib
-
-    from utils.processes import gathered
-
-    if accelerator.num_processes == 1:
-        return
-    config = to_json_dict(plan.config)
-    config.pop("num_workers")  # from each machine's cores: it may differ
-    parts = {
-        f"training data in {plan.config.data_root}: images were added, removed or replaced while the processes "
-        "started. Wait until the data folder stays the same": (
-            plan.scan.items, plan.validation.sets if plan.validation else None),
-        "settings: each machine read its own config or optimizer file. Make them the same on every machine": (
-            config, plan.optimizer_settings),
-        "checkpoint to resume from: each machine found its own in its copy of logdir. Let every machine see "
-        "the main machine's logdir (a shared folder, or a copy)": (
-            (plan.resume.checkpoint, plan.resume.record["global_step"]) if plan.resume else None),
-    }
-    mine = tuple(hashlib.sha1(repr(value).encode()).hexdigest() for value in parts.values())
-    every = gathered(accelerator, [mine])
-    problems = []
-    for part, what in enumerate(parts):
-        differing = [str(index) for index, digests in enumerate(every) if digests[part] != every[0][part]]
-        if differing:
-            problems.append(f"process(es) {', '.join(differing)} found other {what}.")
-    if problems:
-        raise ProcessesPlannedDifferently(
-            "the processes of this launch planned different runs, which cannot train together: "
-            + " ".join(problems) + " Then start the run again.")
-
-
 def start_run(plan: RunPlan, accelerator) -> str | None:
     """The run folder with the settings in it, and logging into it; None on processes other than the main.
 
@@ -727,6 +676,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(short_usage())
         return 0
+    from utils.processes import ProcessesPlannedDifferently, check_same_plan, share_random_seed
     from utils.resume import NothingToResume
 
     try:

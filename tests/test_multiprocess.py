@@ -244,6 +244,7 @@ def test_processes_that_planned_different_runs_stop_before_training(tmp_path, mo
     import accelerate.utils
 
     import train
+    from utils.processes import ProcessesPlannedDifferently, check_same_plan
 
     images = tmp_path / "images"
     shutil.copytree(REPO / "examples" / "images", images)
@@ -252,13 +253,13 @@ def test_processes_that_planned_different_runs_stop_before_training(tmp_path, mo
     process_0 = []
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: process_0.extend(mine) or mine + mine)
     plan = train.plan_run(settings)
-    train.check_same_plan(plan, accelerator)  # the same plan on both: nothing to say
+    check_same_plan(plan, accelerator)  # the same plan on both: nothing to say
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: process_0 + mine)
-    train.check_same_plan(train.plan_run([*settings, "--num_workers", "7"]), accelerator)  # each machine's own
+    check_same_plan(train.plan_run([*settings, "--num_workers", "7"]), accelerator)  # each machine's own
 
     def differences(plan_of_process_1) -> str:
-        with pytest.raises(train.ProcessesPlannedDifferently) as raised:
-            train.check_same_plan(plan_of_process_1, accelerator)
+        with pytest.raises(ProcessesPlannedDifferently) as raised:
+            check_same_plan(plan_of_process_1, accelerator)
         return str(raised.value)
 
     assert "process(es) 1 found other settings" in differences(train.plan_run([*settings, "--lr", "3e-6"]))

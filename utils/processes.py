@@ -1,4 +1,5 @@
-"""What the processes of a multi-GPU run decide together (accelerate's collectives; one process: no-ops).
+"""What the processes of a multi-GPU run decide together (accelerate's collectives; one process: no-ops):
+the plan they start from, and each decision of the loop.
 
 Every process runs the same loop over its share of each epoch, so a decision that one process would take
 alone (stop on Ctrl-C, save on the clock) must be taken by all at the same step, or they would wait on
@@ -7,7 +8,57 @@ each other for ever.
 
 from __future__ import annotations
 
-import torch
+
+def share_random_seed(plan, accelerator, argv: list[str]):
+    """With `seed: -1` each process drew its own seed; every process must train the main process's (the
+    epoch plan each takes its share of, the crops and the noise all come from it): the others plan again
+    (utils.run_plan.RunPlan)."""
+    from utils.run_plan import plan_run
+
+    if accelerator.num_processes == 1 or plan.loaded.config.seed != -1:
+        return plan
+    seed = main_process_value(accelerator, plan.config.seed)
+    return plan if seed == plan.config.seed else plan_run(argv, random_seed=seed)
+
+
+class ProcessesPlannedDifferently(Exception):
+    """The processes of a launch found other data, settings or checkpoints to resume as they started."""
+
+
+def check_same_plan(plan, accelerator) -> None:
+    """Every process plans the run itself (reads the config, resolves --resume_run and findlast, scans the
+    data) and trains its share of each epoch from its own plan: the shares only fit together, and the
+    processes only meet at the same points, if every process planned the same run. Raises
+    ProcessesPlannedDifferently, on every process, when they did not."""
+    import hashlib
+
+    from utils.config import to_json_dict
+
+    if accelerator.num_processes == 1:
+        return
+    config = to_json_dict(plan.config)
+    config.pop("num_workers")  # from each machine's cores: it may differ
+    parts = {
+        f"training data in {plan.config.data_root}: images were added, removed or replaced while the processes "
+        "started. Wait until the data folder stays the same": (
+            plan.scan.items, plan.validation.sets if plan.validation else None),
+        "settings: each machine read its own config or optimizer file. Make them the same on every machine": (
+            config, plan.optimizer_settings),
+        "checkpoint to resume from: each machine found its own in its copy of logdir. Let every machine see "
+        "the main machine's logdir (a shared folder, or a copy)": (
+            (plan.resume.checkpoint, plan.resume.record["global_step"]) if plan.resume else None),
+    }
+    mine = tuple(hashlib.sha1(repr(value).encode()).hexdigest() for value in parts.values())
+    every = gathered(accelerator, [mine])
+    problems = []
+    for part, what in enumerate(parts):
+        differing = [str(index) for index, digests in enumerate(every) if digests[part] != every[0][part]]
+        if differing:
+            problems.append(f"process(es) {', '.join(differing)} found other {what}.")
+    if problems:
+        raise ProcessesPlannedDifferently(
+            "the processes of this launch planned different runs, which cannot train together: "
+            + " ".join(problems) + " Then start the run again.")
 
 
 def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
@@ -19,6 +70,8 @@ def sum_over_processes(accelerator, *values: float) -> tuple[float, ...]:
     """Each value summed over the processes, in one all-reduce (ints stay ints)."""
     if accelerator.num_processes == 1:
         return values
+    import torch
+
     # float64: validation sums of thousands of losses, and counts, stay exact enough.
     values_tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(values_tensor, "sum").tolist()

@@ -90,7 +90,7 @@ def data_options(config: TrainConfig):
 def plan_run(argv: list[str], random_seed: int | None = None) -> RunPlan:
     """Everything decided before anything heavy loads. Raises ConfigError listing every problem, and
     NothingToResume. `random_seed`: what `seed: -1` becomes, instead of a fresh draw (the processes of a
-    launch train with the main process's draw: train.share_random_seed)."""
+    launch train with the main process's draw: utils.processes.share_random_seed)."""
     from data.items import ScanResult, scan_dataset
     from data.plan import batches_per_epoch
     from data.scan import DataRootError
