@@ -484,7 +484,10 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
         for param in (p for params in parts.values() for p in params):
             param.grad.mul_(gradient_scale)
     norms = {}
-    if config.clip_grad_norm or settings.log_grad_norm:
+    # Measured for clipping and logging, and always without fp16's grad scaler (which skips steps with inf
+    # gradients itself: that is how it finds its scale): a NaN or infinite gradient from a finite loss would
+    # otherwise go into the weights, and AdamW's moments would carry it into every step after.
+    if config.clip_grad_norm or settings.log_grad_norm or accelerator.scaler is None:
         accelerator.unscale_gradients()  # fp16: measure and clip the true gradients (once per step)
         for name, params in parts.items():
             if not params:
@@ -493,8 +496,6 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
                 norms[name] = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             else:
                 norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params])
-    # fp16's grad scaler skips steps with inf gradients itself (that is how it finds its scale); without one,
-    # a NaN or infinite gradient from a finite loss would go into the weights.
     if accelerator.scaler is None and not all(bool(torch.isfinite(norm)) for norm in norms.values()):
         state.nonfinite_batches += 1  # the norm is of the gradients summed over the processes: one count for all
         skip_nonfinite("the gradient norm is NaN or infinite, so this optimizer step is skipped", state)

@@ -168,6 +168,32 @@ def test_nan_losses_in_a_row_stop_the_run_with_a_message(tmp_path, monkeypatch):
     assert saved.name.startswith("errored-")
 
 
+def test_a_nan_gradient_from_a_finite_loss_skips_its_step_and_never_reaches_the_weights(tmp_path, monkeypatch):
+    """Without fp16's grad scaler, and with neither clip_grad_norm nor log_grad_norm set, the gradient norm
+    is still measured, so a NaN gradient skips its optimizer step instead of going into the weights (which
+    the final save would then refuse)."""
+    real_step, hooks = train.train_step, []
+
+    def nan_gradient_at_step_3(trainee, batch, config, global_step, accelerator):
+        while hooks:
+            hooks.pop().remove()
+        if global_step == 2:
+            first_weight = next(trainee.unet.parameters())
+            hooks.append(first_weight.register_hook(lambda gradient: gradient * float("nan")))
+        return real_step(trainee, batch, config, global_step, accelerator)
+
+    monkeypatch.setattr(train, "train_step", nan_gradient_at_step_3)
+    monkeypatch.chdir(REPO)
+    code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", "0", "--logdir",
+                       str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    (final,) = (run_dir / "ckpts").iterdir()
+    record = json.loads((final / "checkpoint.json").read_text())
+    assert record["nonfinite_batches"] == 1 and record["global_step"] == 7 and record["optimizer_step"] == 6
+    assert "step 3: the gradient norm is NaN or infinite" in (run_dir / "train.log").read_text()
+
+
 def test_an_error_in_a_loading_worker_saves_the_weights_and_ends_the_workers(tmp_path, monkeypatch):
     """An exception raised in a data-loading worker (a bug, a disk gone) ends the run as any error does: exit
     code 1 and an errored- checkpoint. And the workers are stopped: they ignore SIGTERM, the signal Python's
