@@ -18,7 +18,7 @@ import pytest
 
 from data.items import ImageItem, scan_dataset
 from data.plan import PlanOptions, batch_positions, batches_per_epoch, plan_epoch, process_share
-from tests.test_train_e2e import scalars
+from tests.test_train_e2e import run_train, scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,10 +115,8 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     assert per_process[0] + per_process[1] == once + once  # the 12 demo images, once in each of the 2 epochs
 
     seed = json.loads((run_dir / "train_config.json").read_text())["seed"]  # the main process's draw
-    again = subprocess.run([sys.executable, "train.py", *settings, "--seed", str(seed), "--cache_text_embeddings",
-                            "--disable_textenc_training", "--max_epochs", "1", "--logdir", str(tmp_path / "again")],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
+    again = run_train(*settings, "--seed", str(seed), "--cache_text_embeddings", "--disable_textenc_training",
+                      "--max_epochs", "1", "--logdir", str(tmp_path / "again"), samples=True, in_process=True)
     assert "0 image variants encoded, 12 reused" in again.stdout + again.stderr
     (one_process_run,) = (tmp_path / "again").iterdir()
     two, one = scalars(run_dir, "loss/stabilize-train"), scalars(one_process_run, "loss/stabilize-train")
@@ -142,9 +140,7 @@ def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same
 
     one_process = tmp_path / "one_process"  # a copy of the run, continued by one process with --force_resume
     shutil.copytree(run_dir, one_process)
-    forced = subprocess.run([sys.executable, "train.py", "--resume_run", str(one_process), "--force_resume", "true"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert forced.returncode == 0, forced.stdout + forced.stderr
+    forced = run_train("--resume_run", str(one_process), "--force_resume", "true", samples=True, in_process=True)
     assert "step 4 is now 7" in forced.stdout + forced.stderr  # 7 batches an epoch for one process
     assert sorted(p.name for p in (one_process / "ckpts").iterdir()) == [  # each save once, the last at the end
         "demo-ep01-gs00004", "errored-demo-ep01-gs00006", "last-demo-ep02-gs00014"]
