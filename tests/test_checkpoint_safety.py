@@ -143,8 +143,14 @@ def run_demo_with_nan_losses(tmp_path: Path, monkeypatch, nan_steps: set[int]) -
         return loss * float("nan") if global_step in nan_steps else loss
 
     monkeypatch.setattr(train, "train_step", sometimes_nan)
+    return run_one_demo_epoch(tmp_path, monkeypatch)
+
+
+def run_one_demo_epoch(tmp_path: Path, monkeypatch, num_workers: int = 0) -> tuple[int, Path]:
+    """train.main on one epoch of the demo in this process, without samples or single files: (exit code,
+    run folder)."""
     monkeypatch.chdir(REPO)
-    code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", "0", "--logdir",
+    code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", str(num_workers), "--logdir",
                        str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null"])
     (run_dir,) = (tmp_path / "logs").iterdir()
     return code, run_dir
@@ -183,11 +189,8 @@ def test_a_nan_gradient_from_a_finite_loss_skips_its_step_and_never_reaches_the_
         return real_step(trainee, batch, config, global_step, accelerator)
 
     monkeypatch.setattr(train, "train_step", nan_gradient_at_step_3)
-    monkeypatch.chdir(REPO)
-    code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", "0", "--logdir",
-                       str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null"])
+    code, run_dir = run_one_demo_epoch(tmp_path, monkeypatch)
     assert code == 0
-    (run_dir,) = (tmp_path / "logs").iterdir()
     (final,) = (run_dir / "ckpts").iterdir()
     record = json.loads((final / "checkpoint.json").read_text())
     assert record["nonfinite_batches"] == 1 and record["global_step"] == 7 and record["optimizer_step"] == 6
@@ -211,12 +214,9 @@ def test_an_error_in_a_loading_worker_saves_the_weights_and_ends_the_workers(tmp
         return real_item(self, sample)
 
     monkeypatch.setattr(PlannedImages, "__getitem__", third_item_fails)
-    monkeypatch.chdir(REPO)
     children_before = set(multiprocessing.active_children())
-    code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", "1", "--logdir",
-                       str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null"])
+    code, run_dir = run_one_demo_epoch(tmp_path, monkeypatch, num_workers=1)
     assert code == 1
-    (run_dir,) = (tmp_path / "logs").iterdir()
     assert "OSError: injected: the disk went away" in (run_dir / "train.log").read_text()
     (saved,) = (run_dir / "ckpts").iterdir()
     assert saved.name == "errored-demo-ep00-gs00001"
