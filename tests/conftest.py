@@ -5,11 +5,20 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as train.main sets it, before torch loads: for in-process runs
+# pytest -n: the workers share the cores, so one thread each, for them and the training runs they start. With
+# torch's default of a thread per core, two workers on two cores took the suite from 12 to 28 minutes.
+ONE_THREAD_EACH = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if ONE_THREAD_EACH:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from utils.tiny_model import build_tiny_components  # noqa: E402
+
+if ONE_THREAD_EACH:
+    torch.set_num_threads(1)  # in case a plugin imported torch before the variable was set
 
 
 @pytest.fixture(scope="module")
