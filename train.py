@@ -233,7 +233,8 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     folder); the cache, ready for the loader."""
     from data.plan import image_variants
     from utils.latent_cache import LatentCache, fill_latent_cache as fill
-    from utils.processes import main_process_value, share_on_this_machine, sum_over_processes
+    from utils.processes import (main_process_value, share_on_this_machine, sum_over_processes,
+                                 wait_for_all_however_long)
 
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
@@ -242,10 +243,10 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     fingerprint = main_process_value(accelerator, plan.fingerprint if accelerator.is_main_process else None)
     cache = LatentCache.open(folder, trainee.model.vae, plan.items, fingerprint, accelerator.mixed_precision)
     variants = image_variants(plan.items, plan.data_options)
-    result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
-                  autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process)
-    encoded, reused, failed = sum_over_processes(accelerator, result.encoded, result.reused,  # waits for all shares
-                                                 len(result.failed))
+    with wait_for_all_however_long(accelerator):  # one machine may have its cache full, another none of it
+        result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
+                      autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process)
+    encoded, reused, failed = sum_over_processes(accelerator, result.encoded, result.reused, len(result.failed))
     log.info("latent cache %s: %d image variants encoded, %d reused%s", folder, encoded, reused,
              f", {failed} images unreadable (skipped in training)" if failed else "")
     return cache

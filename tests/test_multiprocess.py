@@ -175,6 +175,18 @@ def test_a_stop_that_reaches_one_process_waits_for_the_main_process_to_save(tmp_
     assert "last-demo-ep02-gs00008" in sorted(p.name for p in (run_dir / "ckpts").iterdir())
 
 
+def test_a_wait_as_long_as_the_data_outlasts_the_process_group_timeout(tmp_path):
+    """Filling the latent cache may take one machine far longer than another (its copy of the cache empty,
+    the other's full), longer than the process group's timeout: the processes wait for each other in a group
+    of their own. Here the group's timeout is 2 s and process 1 works 5 s while process 0 waits."""
+    started = [subprocess.Popen([sys.executable, "tests/long_wait_process.py", str(rank), str(tmp_path)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=120)[0] for process in started]
+    assert [process.returncode for process in started] == [0, 0], "\n".join(outputs)
+    assert [output.splitlines()[-1] for output in outputs] == [f"process {rank} through, 2 processes"
+                                                                for rank in (0, 1)]
+
+
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():
     """DDP regroups its gradient buckets at the first forward after its first backward.
     settle_gradient_buckets does both, so every process regroups there and not at its first training
