@@ -20,6 +20,19 @@ from utils.tiny_model import build_tiny_components  # noqa: E402
 if ONE_THREAD_EACH:
     torch.set_num_threads(1)  # in case a plugin imported torch before the variable was set
 
+# The files that take longest (each a minute or more of training runs in new processes), started first under
+# pytest -n so that none is left running alone at the end while the other workers have nothing to do.
+LONGEST_FILES = ("test_resume.py", "test_multiprocess.py", "test_train_e2e.py", "test_validation_loss.py",
+                 "test_plugins.py", "test_checkpoint_safety.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests stay together and in their order
+
 
 @pytest.fixture(scope="module")
 def tiny():
