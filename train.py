@@ -233,8 +233,7 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     folder); the cache, ready for the loader."""
     from data.plan import image_variants
     from utils.latent_cache import LatentCache, fill_latent_cache as fill
-    from utils.processes import (main_process_value, share_on_this_machine, sum_over_processes,
-                                 wait_for_all_however_long)
+    from utils.processes import any_process, main_process_value, share_on_this_machine, sum_over_processes
 
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
@@ -243,9 +242,11 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     fingerprint = main_process_value(accelerator, plan.fingerprint if accelerator.is_main_process else None)
     cache = LatentCache.open(folder, trainee.model.vae, plan.items, fingerprint, accelerator.mixed_precision)
     variants = image_variants(plan.items, plan.data_options)
-    with wait_for_all_however_long(accelerator):  # one machine may have its cache full, another none of it
-        result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
-                      autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process)
+    # One machine may have its copy of the cache full and another none of it: the processes keep in step batch
+    # by batch, so none waits longer than a batch in one collective (the process group's timeout is an hour).
+    result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
+                  autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process,
+                  keep_pace=lambda encoding: any_process(accelerator, encoding)[0])
     encoded, reused, failed = sum_over_processes(accelerator, result.encoded, result.reused, len(result.failed))
     log.info("latent cache %s: %d image variants encoded, %d reused%s", folder, encoded, reused,
              f", {failed} images unreadable (skipped in training)" if failed else "")

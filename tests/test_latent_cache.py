@@ -189,6 +189,25 @@ def test_an_added_image_is_the_only_one_encoded(filled, vae):
     assert (result.encoded, result.reused, result.failed) == (2, len(variants), [])  # its two sides
 
 
+def test_the_fill_keeps_pace_with_the_other_processes_batch_by_batch(filled, vae, tmp_path):
+    """keep_pace(True) after each batch, then keep_pace(False) until no process is encoding (here the
+    others finish two calls later); with the whole share already cached, only the waiting calls."""
+    items, variants, cache, _ = filled
+    calls, others_encoding = [], [True, True, False]
+
+    def keep_pace(encoding: bool) -> bool:
+        calls.append(encoding)
+        return True if encoding else others_encoding[len([c for c in calls if not c]) - 1]
+
+    empty = LatentCache.open(str(tmp_path / "empty"), vae, items)
+    fill_latent_cache(empty, items, variants, vae, "cpu", batch_size=1, progress=False, keep_pace=keep_pace)
+    assert calls == [True] * len(variants) + [False] * 3  # batch 1: a batch per variant
+    calls.clear()
+    full = LatentCache.open(cache.folder, vae, items)
+    fill_latent_cache(full, items, variants, vae, "cpu", batch_size=1, progress=False, keep_pace=keep_pace)
+    assert calls == [False] * 3
+
+
 def test_another_precision_gets_other_keys(filled, vae):
     items, variants, cache, _ = filled
     v = variants[0]

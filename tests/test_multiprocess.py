@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from data.items import ImageItem, scan_dataset
 from data.plan import PlanOptions, batch_positions, batches_per_epoch, plan_epoch, process_share
 from tests.test_train_e2e import run_train, scalars
+from utils.latent_cache import fill_latent_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,16 +177,26 @@ def test_a_stop_that_reaches_one_process_waits_for_the_main_process_to_save(tmp_
     assert "last-demo-ep02-gs00008" in sorted(p.name for p in (run_dir / "ckpts").iterdir())
 
 
-def test_a_wait_as_long_as_the_data_outlasts_the_process_group_timeout(tmp_path):
-    """Filling the latent cache may take one machine far longer than another (its copy of the cache empty,
-    the other's full), longer than the process group's timeout: the processes wait for each other in a group
-    of their own. Here the group's timeout is 2 s and process 1 works 5 s while process 0 waits."""
+def test_a_machine_whose_latent_cache_is_full_waits_for_another_filling_its_own_past_the_group_timeout(
+        tmp_path, tiny):
+    """Machines with their own copies of latent_cache_dir: one full, one empty. The full one's process has
+    nothing to encode and waits while the other encodes every image, longer than the process group's
+    timeout (an hour in train.py; 2 s here, against 7 batches of 0.6 s): the processes keep in step batch by
+    batch (keep_pace), so no single wait outlasts the timeout."""
+    from tests.long_wait_process import demo_cache
+
+    shutil.copytree(REPO / "examples" / "images", tmp_path / "images")
+    cache, variants, items = demo_cache(tmp_path / "cache-0", tiny["vae"])
+    fill_latent_cache(cache, items, variants, tiny["vae"], "cpu", batch_size=2, progress=False)
     started = [subprocess.Popen([sys.executable, "tests/long_wait_process.py", str(rank), str(tmp_path)], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [process.communicate(timeout=120)[0] for process in started]
     assert [process.returncode for process in started] == [0, 0], "\n".join(outputs)
-    assert [output.splitlines()[-1] for output in outputs] == [f"process {rank} through, 2 processes"
-                                                                for rank in (0, 1)]
+    reports = [re.fullmatch(r"process (\d): (\d+) encoded, (\d+) reused in ([\d.]+) s; 12 encoded and 12 reused "
+                            r"in all", output.splitlines()[-1]) for output in outputs]
+    assert all(reports), "\n".join(outputs)
+    assert [report.group(1, 2, 3) for report in reports] == [("0", "0", "12"), ("1", "12", "0")]
+    assert float(reports[0].group(4)) > 4  # process 0 waited the other's 7 batches, past the 2 s timeout
 
 
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():

@@ -219,7 +219,7 @@ class FillResult:
 
 def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list[Variant], vae, device,
                       batch_size: int, autocast: Callable = contextlib.nullcontext, share: tuple[int, int] = (0, 1),
-                      progress: bool = True) -> FillResult:
+                      progress: bool = True, keep_pace: Callable[[bool], bool] | None = None) -> FillResult:
     """Encode the variants that have no entry yet, in batches of one bucket, and write their entries.
 
     Images are loaded as the dataset loads them (data/dataset.load_pixels); one that cannot be read is
@@ -229,6 +229,10 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
     before training reads the cache.
     `autocast` is the training's (accelerator.autocast), so latents are computed in the same precision; the
     cache must have been opened with that precision, which keys its entries.
+    `keep_pace(encoding)`, with several processes, tells whether any process is still encoding (train.py: an
+    all-reduce). It is called with True after each batch, then, once this process's entries are all written,
+    with False until it returns False. So a process with little or nothing to encode (its machine's copy of
+    the cache full) waits for the others one batch at a time, never for a whole fill in one collective.
     """
     process_index, processes = share
     result, failed = FillResult(), {}
@@ -267,8 +271,12 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
                     writes.popleft().result()
                 result.encoded += len(good)
             bar.update(len(batch))
+            if keep_pace:
+                keep_pace(True)
         for write in writes:
             write.result()  # each entry is on the disk before the cache is used; raises a write's error
+    while keep_pace and keep_pace(False):
+        pass  # another process is still encoding
     result.failed = sorted(failed.items())
     return result
 

@@ -8,8 +8,6 @@ each other for ever.
 
 from __future__ import annotations
 
-import contextlib
-
 
 def share_random_seed(plan, accelerator, argv: list[str]):
     """With `seed: -1` each process drew its own seed; every process must train the main process's (the
@@ -61,29 +59,6 @@ def check_same_plan(plan, accelerator) -> None:
         raise ProcessesPlannedDifferently(
             "the processes of this launch planned different runs, which cannot train together: "
             + " ".join(problems) + " Then start the run again.")
-
-
-@contextlib.contextmanager
-def wait_for_all_however_long(accelerator, days: float = 7):
-    """Every process runs the body, then waits until all are through, however long the slowest takes (up to
-    `days`). For work that grows with the data, such as filling the latent cache: one machine whose copy of
-    the cache is full waits for one that encodes everything, for longer than the process group's timeout (an
-    hour, for steps, samples and saves). The wait is a barrier in a gloo group of its own with that timeout;
-    a process that fails or is killed meanwhile ends the others' wait with an error (its connection
-    closes), and the launcher stops them."""
-    if accelerator.num_processes == 1:
-        yield
-        return
-    import datetime
-
-    import torch.distributed as dist
-
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=days))
-    try:
-        yield
-        dist.barrier(group=group)
-    finally:
-        dist.destroy_process_group(group)
 
 
 def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
