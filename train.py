@@ -272,7 +272,8 @@ def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     parts = trainee.trained_parts()
     optimizer = build_optimizer(plan.optimizer_settings, {name: [p for p in m.parameters() if p.requires_grad]
                                                           for name, m in parts.items()})
-    if not plan.resume and os.path.isdir(plan.config.resume_ckpt):  # a checkpoint saved with save_optimizer carries its moments
+    # A checkpoint folder saved with save_optimizer carries the optimizer's moments.
+    if not plan.resume and os.path.isdir(plan.config.resume_ckpt):
         restored = restore_optimizer_state(optimizer, plan.config.resume_ckpt)
         if restored:
             plan.derived.append(f"optimizer state {restored}")
@@ -498,7 +499,8 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
                 norms[name] = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             else:
                 norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if accelerator.scaler is None and not all(bool(torch.isfinite(norm)) for norm in norms.values()):
+    # One check over the stacked norms: one wait for the GPU per optimizer step, not one per part.
+    if accelerator.scaler is None and norms and not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
         state.nonfinite_batches += 1  # the norm is of the gradients summed over the processes: one count for all
         skip_nonfinite("the gradient norm is NaN or infinite, so this optimizer step is skipped", state)
         optimizer.zero_grad(set_to_none=True)
