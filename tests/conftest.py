@@ -26,6 +26,21 @@ LONGEST_FILES = ("test_resume.py", "test_multiprocess.py", "test_train_e2e.py", 
                  "test_plugins.py", "test_checkpoint_safety.py", "test_bench.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own pytest_configure makes its scheduler
+def pytest_configure(config):
+    """Under pytest -n, each test file stays on one worker (--dist loadfile), so a file's module fixtures (the
+    demo runs) are made once and its two-process launches, which share a port, never overlap; and the files go
+    out in the order below, not reordered by their number of tests. Set here rather than in pytest.ini's
+    addopts, so that pytest without pytest-xdist still runs (serially)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    explicit = any(arg in ("--dist", "-d", "--distload") or arg.startswith("--dist=")
+                   for arg in config.invocation_params.args)
+    if config.getoption("dist") == "load" and not explicit:  # -n alone means --dist load
+        config.option.dist = "loadfile"
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         name = item.path.name
