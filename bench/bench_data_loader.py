@@ -31,9 +31,9 @@ from PIL import Image, features
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run as a script from anywhere: bench/ is not a package
 
-from data.buckets import generate_buckets, nearest_bucket
-from data.image_io import crop_box, draft_scale, load_image
-from data.items import scan_dataset
+from data.buckets import generate_buckets, nearest_bucket  # noqa: E402
+from data.image_io import crop_box, draft_scale, load_image  # noqa: E402
+from data.items import scan_dataset  # noqa: E402
 
 RESOLUTION = 512
 JPEG_QUALITY = 90

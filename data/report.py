@@ -56,8 +56,8 @@ def _bucket_table(resolution: int, items, first_epoch: list[list[Sample]], batch
              "    bucket      images  samples  batches  leftovers"]
     for bucket in sorted(images, key=lambda wh: (wh[0] / wh[1], wh[0])):
         sizes = short.get(bucket, [])
-        leftover = ("none" if not sizes else
-                    f"{', '.join(str(s) for s in sizes)} image(s) train in a smaller batch (nothing dropped or repeated)")
+        leftover = "none" if not sizes else (f"{', '.join(str(s) for s in sizes)} image(s) train in a smaller batch "
+                                             "(nothing dropped or repeated)")
         lines.append(f"    {bucket[0]:>4}x{bucket[1]:<5} {images[bucket]:>7}  {samples[bucket]:>7}  "
                      f"{batches[bucket]:>7}  {leftover}")
     return lines
@@ -74,7 +74,8 @@ def _caption_lines(long_captions: list[tuple[str, int]] | None, token_limit: int
     return lines
 
 
-def _epoch_lines(items, options: PlanOptions, first_epoch: list[list[Sample]], batches_per_epoch: list[int]) -> list[str]:
+def _epoch_lines(items, options: PlanOptions, first_epoch: list[list[Sample]],
+                 batches_per_epoch: list[int]) -> list[str]:
     samples = sum(len(batch) for batch in first_epoch)
     steps = [math.ceil(count / options.grad_accum) for count in batches_per_epoch]  # counts are per process
     lines = [f"  images per epoch after multipliers: {samples} (from {len(items)} images)"]

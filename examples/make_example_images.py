@@ -151,7 +151,8 @@ EXAMPLES = [
     ("a green tree on a hill, blue sky.png", None, (320, 480), hill_and_tree),
     ("sunset.jpg", "a sunset over the sea, orange sky, horizon", (448, 252), sunset),
     ("a purple ring on a white background.png", None, (512, 288), lambda s: ring(s, "purple", "white")),
-    ("banner.png", "a long banner with colorful dots", (640, 160), lambda s: dots(s, ["red", "teal", "yellow", "pink"])),
+    ("banner.png", "a long banner with colorful dots", (640, 160),
+     lambda s: dots(s, ["red", "teal", "yellow", "pink"])),
     ("a tall pole with red and white stripes.png", None, (160, 640),
      lambda s: stripes(s, ["red", "white"], vertical=False, count=10)),
 ]

@@ -51,8 +51,8 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(pipeline, t
 def test_checksums_catch_a_changed_or_missing_weight_file(pipeline, tmp_path):
     folder = Path(save_pipeline(str(tmp_path / "ckpt"), pipeline, {"global_step": 1}, {}))
     record = json.loads((folder / "checkpoint.json").read_text())
-    assert set(record["files"]) >= {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                                    "text_encoder/model.safetensors"}
+    assert set(record["files"]) >= {"unet/diffusion_pytorch_model.safetensors",
+                                    "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"}
     verify_checkpoint(str(folder))
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     data = bytearray(weights.read_bytes())

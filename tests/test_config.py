@@ -264,14 +264,16 @@ def test_missing_paths_are_errors_that_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as excinfo:
         load_config(["--config", path])
     found = problems_of(excinfo)
-    assert any("resume_ckpt" in p and "neither an existing file or folder nor a Hugging Face repo id" in p for p in found)
+    assert any("resume_ckpt" in p and "neither an existing file or folder nor a Hugging Face repo id" in p
+               for p in found)
     assert any("data_root" in p and "does not exist" in p for p in found)
     assert any("optimizer_config" in p and "does not exist" in p for p in found)
 
 
 def test_the_default_optimizer_file_may_be_missing(tmp_path, images, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no optimizer.json here
-    assert load_config(["--resume_ckpt", "builtin:tiny", "--data_root", images]).config.optimizer_config == "optimizer.json"
+    config = load_config(["--resume_ckpt", "builtin:tiny", "--data_root", images]).config
+    assert config.optimizer_config == "optimizer.json"
 
 
 def test_resume_ckpt_is_required_and_checked(tmp_path, images):

@@ -17,7 +17,8 @@ from PIL import Image
 from data.captions import Tag, compose_caption
 from data.image_config import ImageConfigError, parse_mapping
 from data.items import ImageItem, scan_dataset
-from data.plan import PlanOptions, batch_positions, batches_per_epoch, epoch_batches, epoch_selection, plan_epoch, rated_fraction
+from data.plan import (PlanOptions, batch_positions, batches_per_epoch, epoch_batches, epoch_selection, plan_epoch,
+                       rated_fraction)
 from data.report import dataset_report, schedule_lines, undersized_lines
 from data.scan import DataRootError
 

@@ -212,7 +212,8 @@ def test_another_precision_gets_other_keys(filled, vae):
     items, variants, cache, _ = filled
     v = variants[0]
     bf16 = LatentCache.open(cache.folder, vae, items, precision="bf16")
-    assert cache.precision == "no" and bf16.entry_path(items[v.index].path, v) != cache.entry_path(items[v.index].path, v)
+    path = items[v.index].path
+    assert cache.precision == "no" and bf16.entry_path(path, v) != cache.entry_path(path, v)
 
 
 def test_another_vae_gets_other_keys(filled, vae):

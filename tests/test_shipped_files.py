@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,8 @@ def test_ci_runs_exactly_the_readme_test_command():
         ["bash", "-c", "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md "
                        "| grep -v -e '<!--' -e '^```'"], cwd=REPO, capture_output=True, text=True, check=True)
     assert extracted.stdout.strip() == readme_block("test-command")
-    assert "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md" in (REPO / ".ci" / "run").read_text()
+    ci_script = (REPO / ".ci" / "run").read_text()
+    assert "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md" in ci_script
 
 
 def test_requirements_are_pinned_and_have_no_torchvision():
@@ -84,6 +86,13 @@ def test_requirements_are_pinned_and_have_no_torchvision():
     assert all("==" in line for line in lines), lines
     assert not any(line.lower().startswith("torchvision") for line in lines)
     assert "-r requirements.txt" in (REPO / "environment.yml").read_text()
+
+
+def test_the_code_passes_the_linter():
+    """ruff with ruff.toml's settings: no unused imports or names, no undefined ones, no line over 120."""
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO, capture_output=True,
+                          text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 def test_run_outputs_are_ignored_by_git():

@@ -120,8 +120,9 @@ def test_early_stopping_ends_the_run_with_its_final_save_when_validation_stops_i
     two validations later, the run stops."""
     config = tmp_path / "validation.json"
     config.write_text(json.dumps({"auto_split_proportion": 0.25, "every_n_epochs": 0.5}))
-    assert train.main(["--config", str(REPO / "train.json"), "--data_root", IMAGES, "--max_epochs", "3", "--lr", "1e-30",
-                       "--num_workers", "0", "--validation_config", str(config), "--early_stopping_patience", "2",
+    assert train.main(["--config", str(REPO / "train.json"), "--data_root", IMAGES, "--max_epochs", "3",
+                       "--lr", "1e-30", "--num_workers", "0", "--validation_config", str(config),
+                       "--early_stopping_patience", "2",
                        "--save_best_val", "true", "--logdir", str(tmp_path / "logs"), "--sample_prompts", "null",
                        "--no_save_ckpt", "true"]) == 0
     (run_dir,) = (tmp_path / "logs").iterdir()

@@ -149,7 +149,8 @@ def _download(repo_id: str) -> str:
     try:
         return DiffusionPipeline.download(repo_id, token=token, **skip)
     except OSError as error:  # the download broke off, or the disk is full
-        raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {str(error).splitlines()[0]}") from None
+        first_line = str(error).splitlines()[0]
+        raise ModelLoadError(f"resume_ckpt: {repo_id!r} could not be downloaded: {first_line}") from None
 
 
 def hf_token() -> str | None:

@@ -135,7 +135,8 @@ def find_resume_target(logdir: str, spec: str, key: str, project: str | None = N
     """What `--resume_run spec` continues (`last` within `project` when given). None: `auto` found nothing
     to continue, so the run starts afresh."""
     if spec == AUTO:
-        runs = [run for run in _run_folders(logdir) if _read_json(os.path.join(run, INFO_FILE)).get("session_key") == key]
+        runs = [run for run in _run_folders(logdir)
+                if _read_json(os.path.join(run, INFO_FILE)).get("session_key") == key]
         if not runs:
             return None
         newest = max(runs, key=_started_at)

@@ -52,7 +52,7 @@ def save_checkpoint(run, kind: str) -> str | None:
     process as soon as one exits, so one that left first would cut the main process's save short. Except for
     an errored- save: an error may have struck one process alone, so that save waits for no other.
     """
-    config, state, trainee = run.plan.config, run.state, run.trainee
+    state, trainee = run.state, run.trainee
     bad = first_nonfinite_weight(trainee.trained_modules())
     if bad:
         raise NonFiniteWeights(f"{bad} is NaN or infinite at step {state.global_step}, so the model is not saved; "

@@ -55,7 +55,8 @@ def setup_logging(run_dir: str | None, process_index: int = 0) -> None:
         root.removeHandler(handler)
         handler.close()  # an earlier run's train.log, when runs follow each other in one process
     console = _TqdmHandler()
-    console.setFormatter(logging.Formatter(f"[process {process_index}] %(message)s" if process_index else "%(message)s"))
+    prefix = f"[process {process_index}] " if process_index else ""
+    console.setFormatter(logging.Formatter(prefix + "%(message)s"))
     root.addHandler(console)
     if run_dir:
         to_file = logging.FileHandler(os.path.join(run_dir, LOG_FILE), encoding="utf-8")

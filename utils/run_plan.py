@@ -186,9 +186,10 @@ def plan_run(argv: list[str], random_seed: int | None = None) -> RunPlan:
         raise ConfigError([ConfigProblem("data_root", loaded.origins["data_root"], f"{len(scan.items)} usable "
                                          "images, but every one has multiply: 0, so nothing would train.")])
     total_steps = sum(math.ceil(count / config.grad_accum) for count in per_epoch)
+    groups = (("unet", optimizer_settings.unet), ("text encoder", optimizer_settings.text_encoder))
     schedule = {part: schedule_steps(total_steps, group.lr_scheduler, group.lr_warmup_steps, group.lr_decay_steps)
-                for part, group in (("unet", optimizer_settings.unet), ("text encoder", optimizer_settings.text_encoder))}
-    for part, group in (("unet", optimizer_settings.unet), ("text encoder", optimizer_settings.text_encoder)):
+                for part, group in groups}
+    for part, group in groups:
         if group.lr_scheduler != "constant" and schedule[part].warmup >= schedule[part].decay:
             problems.append(ConfigProblem("lr_warmup_steps", loaded.origins["lr_warmup_steps"], (
                 f"the {part}'s warmup ({schedule[part].warmup} steps) is not shorter than its decay "

@@ -55,8 +55,8 @@ def _unet_blocks() -> list[tuple[str, str, dict]]:
                 blocks.append((f"up_blocks.{level}.attentions.{j}.", f"output_blocks.{3 * level + j}.1.", {}))
         if level < 3:
             blocks.append((f"down_blocks.{level}.downsamplers.0.conv.", f"input_blocks.{3 * (level + 1)}.0.op.", {}))
-            blocks.append((f"up_blocks.{level}.upsamplers.0.", f"output_blocks.{3 * level + 2}.{1 if level == 0 else 2}.",
-                           {}))
+            upsampler_index = 1 if level == 0 else 2
+            blocks.append((f"up_blocks.{level}.upsamplers.0.", f"output_blocks.{3 * level + 2}.{upsampler_index}.", {}))
     blocks.append(("mid_block.attentions.0.", "middle_block.1.", {}))
     for j in range(2):
         blocks.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.", UNET_RESNET_NAMES))
@@ -172,7 +172,8 @@ def save_single_file(path: str, family_name: str, unet: torch.nn.Module | dict, 
                      text_encoder: torch.nn.Module | dict, *, half: bool) -> str:
     """Write the model (modules, or their state dicts) to `path` (fp16 when `half`), under a temporary name
     renamed when complete."""
-    unet, vae, text_encoder = (part if isinstance(part, dict) else part.state_dict() for part in (unet, vae, text_encoder))
+    unet, vae, text_encoder = (part if isinstance(part, dict) else part.state_dict()
+                               for part in (unet, vae, text_encoder))
     state_dict = to_ldm_state_dict(family_name, unet, vae, text_encoder)
     temporary = path + ".tmp"
     save_file(_for_file(state_dict.items(), half), temporary, metadata={"format": "pt"})
