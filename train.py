@@ -681,25 +681,43 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(short_usage())
         return 0
-    from utils.processes import ProcessesPlannedDifferently, check_same_plan, share_random_seed
+    from utils.processes import (ProcessesPlannedDifferently, check_finished_everywhere_or_nowhere, check_same_plan,
+                                 share_random_seed)
     from utils.resume import NothingToResume
 
     try:
-        plan = plan_run(argv)
+        try:
+            plan = plan_run(argv)
+        except NothingToResume as finished:
+            return finish_as_finished(finished)
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
         if accelerator:
+            check_finished_everywhere_or_nowhere(accelerator, False)
             plan = share_random_seed(plan, accelerator, argv)
             check_same_plan(plan, accelerator)
     except (ConfigError, ProcessesPlannedDifferently) as error:
         print(error, file=sys.stderr)
         return 2
-    except NothingToResume as finished:
-        print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
-        return 0
     if plan.config.dry_run:
         return dry_run(plan)
     run_dir = start_run(plan, accelerator)
     return train(plan, accelerator, run_dir)
+
+
+def finish_as_finished(finished) -> int:
+    """--resume_run auto found this session already finished (utils.resume.NothingToResume): nothing to do. A
+    process of a launch first joins the launch's process group, to check that every process found the same
+    (utils.processes.check_finished_everywhere_or_nowhere). Raises ProcessesPlannedDifferently."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not finished.dry_run:
+        import torch
+        from accelerate import Accelerator
+
+        from utils.processes import check_finished_everywhere_or_nowhere
+
+        accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(), dynamo_backend="no")
+        check_finished_everywhere_or_nowhere(accelerator, True)
+    print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
+    return 0
 
 
 @dataclass

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -199,6 +200,40 @@ def test_a_machine_whose_latent_cache_is_full_waits_for_another_filling_its_own_
     assert float(reports[0].group(4)) > 4  # process 0 waited the other's 7 batches, past the 2 s timeout
 
 
+def test_a_session_finished_in_one_machines_logdir_and_not_in_anothers_stops_every_process(tmp_path, monkeypatch):
+    """`--resume_run auto` on machines with their own copies of logdir: machine 0's says the session finished,
+    machine 1's has no run. The finished process used to end at once, leaving the other waiting for it to
+    join the process group (for the group's timeout, an hour). Now both join, compare, and stop with the
+    reason; where every copy says finished, both end with nothing to do."""
+    import train
+
+    machines = [tmp_path / "machine-0", tmp_path / "machine-1"]
+    for machine in machines:
+        machine.mkdir()
+    settings = {**json.loads((REPO / "train.json").read_text()), "data_root": str(REPO / "examples" / "images"),
+                "logdir": "logs", "sample_prompts": None, "no_save_ckpt": True, "num_workers": 0}
+    config = tmp_path / "session.json"
+    config.write_text(json.dumps(settings))
+    session = ("tests/in_own_folder.py", *map(str, machines), "--config", str(config), "--resume_run", "auto")
+
+    monkeypatch.chdir(machines[0])  # machine 0's copy: the session ran to the end (its records, a final save)
+    run_dir = Path(train.start_run(train.plan_run(["--config", str(config)]),
+                                   types.SimpleNamespace(is_main_process=True)))
+    final = run_dir / "ckpts" / "last-demo-ep08-gs00048"
+    final.mkdir(parents=True)
+    (final / "checkpoint.json").write_text(json.dumps({"global_step": 48, "saved_at": 0, "final": True}))
+
+    disagree = launch_two(*session, timeout=180)
+    assert disagree.returncode != 0
+    assert "process(es) 0 found this session already finished in their copy of logdir" in disagree.stderr
+    assert not (machines[1] / "logs").exists()  # stopped before machine 1 started a run of its own
+
+    shutil.copytree(machines[0] / "logs", machines[1] / "logs")
+    agree = launch_two(*session, timeout=180)
+    assert agree.returncode == 0, agree.stdout + agree.stderr
+    assert agree.stdout.count("this session already finished") == 2
+
+
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():
     """DDP regroups its gradient buckets at the first forward after its first backward.
     settle_gradient_buckets does both, so every process regroups there and not at its first training
@@ -235,8 +270,6 @@ def test_the_gradient_buckets_are_regrouped_before_the_first_step():
 def test_each_machine_shares_the_latent_cache_among_its_own_processes(monkeypatch):
     """The fill's share (index on this machine, processes on it): the launcher's LOCAL_RANK and
     LOCAL_WORLD_SIZE, or, from a launcher that sets neither, the processes' host names."""
-    import types
-
     import accelerate.utils
 
     from utils.processes import share_on_this_machine
@@ -259,7 +292,6 @@ def test_processes_that_planned_different_runs_stop_before_training(tmp_path, mo
     copy of logdir), would have them train different steps and wait on each other for ever. Every process
     compares its plan with the others', and all stop with the same message, naming what differs."""
     import dataclasses
-    import types
 
     import accelerate.utils
 

@@ -61,6 +61,21 @@ def check_same_plan(plan, accelerator) -> None:
             + " ".join(problems) + " Then start the run again.")
 
 
+def check_finished_everywhere_or_nowhere(accelerator, finished_here: bool) -> None:
+    """`--resume_run auto` finds the session finished, or not, in each machine's copy of logdir. Processes
+    that found it finished would end at once, and the others would wait for them for ever: each process,
+    finished or not, joins the launch's process group and says what it found. Raises
+    ProcessesPlannedDifferently, on every process, when they disagree."""
+    if accelerator.num_processes == 1:
+        return
+    finished = [index for index, found in enumerate(gathered(accelerator, [finished_here])) if found]
+    if 0 < len(finished) < accelerator.num_processes:
+        raise ProcessesPlannedDifferently(
+            f"--resume_run auto: process(es) {', '.join(map(str, finished))} found this session already finished "
+            "in their copy of logdir, and the others did not. Let every machine see the main machine's logdir "
+            "(a shared folder, or a copy), then start the run again.")
+
+
 def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
     """Each flag, true when it is true on any process (one small all-reduce for all of them)."""
     return tuple(count > 0 for count in sum_over_processes(accelerator, *(int(bool(flag)) for flag in flags)))

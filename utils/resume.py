@@ -76,7 +76,11 @@ def session_key(config: dict) -> str:
 
 
 class NothingToResume(Exception):
-    """`--resume_run auto` found this session's run already finished."""
+    """`--resume_run auto` found this session's run already finished (str(): its folder)."""
+
+    def __init__(self, run_dir: str, dry_run: bool = False):
+        super().__init__(run_dir)
+        self.dry_run = dry_run  # asked with --dry_run: no process group is formed
 
 
 def load_settings(argv: list[str]) -> tuple[LoadedConfig, ResumeTarget | None]:
@@ -100,7 +104,7 @@ def load_settings(argv: list[str]) -> tuple[LoadedConfig, ResumeTarget | None]:
     except ResumeError as error:
         raise ConfigError([ConfigProblem("resume_run", "command line", str(error))]) from None
     if isinstance(target, FinishedRun):
-        raise NothingToResume(target.run_dir)
+        raise NothingToResume(target.run_dir, loaded.config.dry_run)
     return loaded, target
 
 
