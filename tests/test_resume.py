@@ -256,6 +256,27 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path,
     assert any("passed over a damaged checkpoint" in note and "optimizer.pt" in note for note in plan.loaded.notes)
 
 
+def test_the_newest_save_is_resumed_and_keeps_its_optimizer_state_though_an_older_one_has_a_higher_step(
+        tmp_path, images):
+    """--force_resume on more processes counts the steps anew, fewer of them ("step 10 is now 5"), and a run
+    resumed from an older checkpoint goes on from its step: what they save is newer than the checkpoints with
+    higher steps before it. The newest by save time is resumed, and keeps its optimizer state."""
+    from utils.run_checkpoints import drop_older_optimizer_states
+
+    run_dir = fake_run(tmp_path, write_config(tmp_path, data_root=str(images)))  # resume-ep00-gs00004, now
+    before = run_dir / "ckpts" / "resume-ep01-gs00010"  # saved a minute earlier, before the recount
+    before.mkdir()
+    for name in ("model_index.json", "resume_state.pt", "optimizer.pt"):
+        (before / name).write_text("{}")
+    (before / "checkpoint.json").write_text(json.dumps({"global_step": 10, "saved_at": time.time() - 60}))
+    for spec in ("last", "auto", str(run_dir)):
+        plan = train.plan_run(["--config", str(write_config(tmp_path, data_root=str(images))), "--resume_run", spec])
+        assert plan.resume.checkpoint.endswith("resume-ep00-gs00004"), spec
+    drop_older_optimizer_states(str(run_dir / "ckpts"), keep=1)
+    assert (run_dir / "ckpts" / "resume-ep00-gs00004" / "optimizer.pt").is_file()
+    assert not (before / "optimizer.pt").exists()
+
+
 def test_force_resume_applies_the_new_learning_rate_from_the_current_step(tmp_path):
     import torch
 

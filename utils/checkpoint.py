@@ -93,6 +93,17 @@ def read_record(folder: str) -> dict:
     return record
 
 
+def save_order(record: dict) -> tuple[float, int]:
+    """What orders a run's checkpoints, newest last: the save time its record holds, then the step. Not the
+    step first: a run resumed with --force_resume on more processes counts fewer steps (utils.loop_state.steps_at),
+    and one resumed from an older checkpoint goes on from its step, and what they save is newer than the
+    higher-numbered checkpoints before. Raises KeyError, TypeError or ValueError for a damaged record."""
+    saved_at, step = float(record["saved_at"]), int(record["global_step"])
+    if not math.isfinite(saved_at):
+        raise ValueError("saved_at is not a time")
+    return saved_at, step
+
+
 def verify_checkpoint(folder: str, needed: tuple[str, ...] = ()) -> None:
     """Check the weight files against the checksums in the record; `needed` files must also be present.
 
@@ -256,10 +267,7 @@ def find_last_checkpoint(logdir: str, containing: str | None = None) -> str:
         if not is_finished_checkpoint(folder) or (containing and not os.path.isdir(os.path.join(folder, containing))):
             continue
         try:
-            record = read_record(folder)
-            key = (float(record["saved_at"]), int(record["global_step"]), folder)
-            if not math.isfinite(key[0]):
-                raise ValueError("saved_at is not a time")
+            key = (*save_order(read_record(folder)), folder)
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a damaged record: not a checkpoint to trust
         if newest is None or key > newest:

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from utils.checkpoint import (CHECKPOINT_RECORD, ERRORED_PREFIX, OPTIMIZER_STATE_FILE, RESUME_STATE_FILE,
-                              TEMPORARY_PREFIX, DamagedCheckpoint, read_record, verify_checkpoint)
+                              TEMPORARY_PREFIX, DamagedCheckpoint, read_record, save_order, verify_checkpoint)
 from utils.config import (ConfigError, ConfigProblem, LoadedConfig, field_default, load_config, parse_cli,
                           to_json_dict)
 from utils.run_folder import CONFIG_FILE, INFO_FILE
@@ -156,7 +156,7 @@ def find_resume_target(logdir: str, spec: str, key: str, project: str | None = N
             raise ResumeError(f"--resume_run last: no unfinished run{f' of {project}' if project else ''} under "
                               f"{logdir!r} has a checkpoint to resume from (periodic saves and interrupted- saves "
                               "carry the training state; a run killed before its first save has none).")
-        return max(candidates, key=lambda target: float(target.record["saved_at"]))
+        return max(candidates, key=lambda target: save_order(target.record))
     run_dir = _run_folder_of(spec)
     if is_finished_run(run_dir):
         raise ResumeError(f"--resume_run: {run_dir} finished; there is nothing to resume. To train it further, start "
@@ -211,7 +211,7 @@ def _resumable(folder: str) -> ResumeTarget | None:
         return None
     try:
         record = read_record(folder)
-        _order(record)
+        save_order(record)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return ResumeTarget(os.path.dirname(os.path.dirname(os.path.abspath(folder))), os.path.abspath(folder), record)
@@ -221,7 +221,7 @@ def _newest_resumable(run_dir: str) -> ResumeTarget | None:
     """The newest resumable checkpoint whose files match their checksums; newer damaged ones are listed.
     Raises ResumeError when every resumable checkpoint is damaged."""
     targets = sorted((target for target in map(_resumable, _checkpoints(run_dir)) if target),
-                     key=lambda target: _order(target.record), reverse=True)
+                     key=lambda target: save_order(target.record), reverse=True)
     damaged = []
     for target in targets:
         try:
@@ -240,10 +240,6 @@ def _verify(target: ResumeTarget) -> None:
         verify_checkpoint(target.checkpoint)
     except DamagedCheckpoint as error:
         raise ResumeError(str(error)) from None
-
-
-def _order(record: dict) -> tuple[int, float]:
-    return int(record["global_step"]), float(record["saved_at"])
 
 
 def _started_at(run_dir: str) -> float:

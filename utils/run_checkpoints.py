@@ -26,7 +26,8 @@ import torch
 
 from optimizer.optimizers import save_optimizer_state
 from utils.checkpoint import (ERRORED_PREFIX, INTERRUPTED_PREFIX, OPTIMIZER_STATE_FILE, TEMPORARY_PREFIX,
-                              checkpoint_name, ensure_free_space, forget_file, read_record, save_pipeline)
+                              checkpoint_name, ensure_free_space, forget_file, read_record, save_order,
+                              save_pipeline)
 from utils.config import to_json_dict
 from utils.ema import EMA_FOLDER, save_ema_into
 from utils.single_file import save_single_file
@@ -172,7 +173,7 @@ def drop_older_optimizer_states(ckpts_dir: str, keep: int) -> None:
                 os.path.join(folder, OPTIMIZER_STATE_FILE)):
             continue
         try:
-            holding.append((int(read_record(folder)["global_step"]), folder))
+            holding.append((save_order(read_record(folder)), folder))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a checkpoint this code wrote: leave it alone
     for _, folder in sorted(holding, reverse=True)[keep:]:
