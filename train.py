@@ -1033,9 +1033,10 @@ def validate_if_due(run: Run) -> bool:
     if run.validation is None or not run.validation.due(state.global_step):
         return False
     values = main_process_value(run.accelerator, run.validation.measure(run.trainee, config, run.accelerator))
-    run.tracker.scalars(values, state.global_step)
+    logged = run.validation.logged(values, state.first_validation_losses)
+    run.tracker.scalars(logged, state.global_step)
     log.info("validation at step %d: %s", state.global_step,
-             ", ".join(f"{tag} {value:.4f}" for tag, value in values.items()))
+             ", ".join(f"{tag} {value:.4f}" for tag, value in logged.items()))
     watched = run.validation.watched_tag
     if watched is None:
         return False

@@ -51,6 +51,31 @@ def test_the_same_model_measures_the_same_and_the_global_random_state_is_untouch
     assert trainee.unet.training  # back in training mode
 
 
+def test_relative_losses_stay_relative_to_the_first_values_after_a_resume(measured, tmp_path):
+    """use_relative_loss logs each curve minus its first value. The first values are kept in the loop state,
+    which each checkpoint saves: a resumed run's curve goes on from where it was, instead of starting at 0
+    again (and early stopping compares the losses themselves, not the logged differences)."""
+    import copy
+    import dataclasses
+
+    from utils.loop_state import LoopState
+
+    _, validation = measured
+    relative = copy.copy(validation)
+    relative.plan = dataclasses.replace(validation.plan, settings=dataclasses.replace(validation.plan.settings,
+                                                                                      use_relative_loss=True))
+    state = LoopState()
+    assert relative.logged({"loss/val": 0.5, "loss/other": 2.0}, state.first_validation_losses) == {
+        "loss/val": 0.0, "loss/other": 0.0}
+    assert relative.logged({"loss/val": 0.25, "loss/other": 2.5}, state.first_validation_losses) == {
+        "loss/val": -0.25, "loss/other": 0.5}
+    torch.save({"loop": state.to_dict()}, tmp_path / "resume_state.pt")  # as utils.training_state saves it
+    resumed = LoopState(**torch.load(tmp_path / "resume_state.pt", weights_only=True)["loop"])
+    assert relative.logged({"loss/val": 0.125, "loss/other": 2.0}, resumed.first_validation_losses) == {
+        "loss/val": -0.375, "loss/other": 0.0}
+    assert validation.logged({"loss/val": 0.125}, {}) == {"loss/val": 0.125}  # without use_relative_loss
+
+
 def test_the_loss_type_and_min_snr_apply_as_in_training(measured):
     trainee, validation = measured
     accelerator = Accelerator(cpu=True)

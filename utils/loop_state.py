@@ -22,6 +22,8 @@ class LoopState:
     nonfinite_in_group: int = 0  # this process's in the current grad_accum group (added to the total at its end)
     best_validation_loss: float | None = None  # the lowest held-out validation loss so far
     validations_without_improvement: int = 0  # since then (early_stopping_patience)
+    # Each validation curve's first value: use_relative_loss logs the curve minus it, a resumed run too.
+    first_validation_losses: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def mark_saved(self) -> None:
         """Restart the save clocks (periodic_save_due) at this step."""

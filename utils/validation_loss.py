@@ -28,7 +28,6 @@ class Validation:
         self.plan = plan  # data.validation.ValidationPlan
         self.due_steps = {point.global_step for point in plan.schedule(batches_per_epoch)}
         self.collate = Collate(tokenize)
-        self.first: dict[str, float] = {}  # each tag's first value, for use_relative_loss
 
     def due(self, global_step: int) -> bool:
         return global_step in self.due_steps
@@ -54,9 +53,16 @@ class Validation:
         values = {self.plan.tags[name]: loss for name, loss in losses.items()}
         if self.plan.combined_tag:
             values[self.plan.combined_tag] = sum(losses[name] for name in self.plan.held_out) / len(self.plan.held_out)
-        if self.plan.settings.use_relative_loss:
-            values = {tag: value - self.first.setdefault(tag, value) for tag, value in values.items()}
         return values
+
+    def logged(self, values: dict[str, float], first: dict[str, float]) -> dict[str, float]:
+        """The values as logged: with use_relative_loss, each minus its curve's first value (`first`, from the
+        run's LoopState, takes the values of curves measured for the first time)."""
+        if not self.plan.settings.use_relative_loss:
+            return values
+        for tag, value in values.items():
+            first.setdefault(tag, value)
+        return {tag: value - first[tag] for tag, value in values.items()}
 
     @torch.no_grad()
     def share_sums(self, trainee, config, accelerator) -> dict[str, tuple[float, int]]:
