@@ -274,8 +274,31 @@ def test_a_damaged_entry_is_encoded_again_or_skipped_and_reported(vae, tmp_path)
     assert got["failed"] == items[sample.index].path
     assert "is damaged" in got["reason"] and "the next run encodes the image again" in got["reason"]
     assert not os.path.exists(unreadable)
+    again = PlannedImages(items, cache)[sample]  # met again (next epoch): skipped again, not a missing entry
+    assert again["failed"] == items[sample.index].path and "is damaged" in again["reason"]
     result = fill_latent_cache(cache, items, variants, vae, "cpu", batch_size=8, progress=False)
     assert (result.encoded, result.reused) == (1, len(variants) - 1)
+    assert cache.load(items[sample.index].path, sample.variant).shape[0] == 8  # encoded again: the failure dropped
+
+
+def test_an_entry_that_the_disk_fails_to_read_is_skipped_this_time_and_kept(filled, monkeypatch):
+    """An I/O error (a network file system, too many open files) says nothing about the entry: the image is
+    skipped and reported this time, and the entry is left for the next read."""
+    import utils.latent_cache as latent_cache
+
+    items, variants, cache, _ = filled
+    sample = plan_sample(items, variants[0].index, 0, 0, OPTIONS)
+    entry = cache.entry_path(items[sample.index].path, sample.variant)
+
+    def failing_read(path):
+        raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(latent_cache, "load_file", failing_read)
+    got = PlannedImages(items, cache)[sample]
+    assert got["failed"] == items[sample.index].path and "could not be read" in got["reason"]
+    monkeypatch.undo()
+    assert os.path.exists(entry) and not os.path.exists(entry + latent_cache.FAILED_SUFFIX)
+    assert cache.load(items[sample.index].path, sample.variant).shape[0] == 8
 
 
 def test_an_entry_reaches_the_disk_before_it_gets_its_name(filled, tmp_path, monkeypatch):

@@ -127,11 +127,17 @@ class LatentCache:
         if os.path.exists(entry):
             try:
                 return load_file(entry)[PARAMS]
+            except OSError as error:  # the disk or the network file system failed to read it: left for next time
+                raise UnreadableImage(f"its latent cache entry {entry} could not be read ({error})") from error
             except Exception as error:  # not our partial write (rename is atomic): a damaged disk or copy
+                reason = (f"its latent cache entry {entry} is damaged ({error}); it was deleted, and the next run "
+                          "encodes the image again")
+                # The failure first: this variant is met again (next epoch, multiply, another worker), and
+                # must then read as the unreadable image it is, not as an entry that was never filled.
+                self.record_failure(path, variant, reason)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(entry)
-                raise UnreadableImage(f"its latent cache entry {entry} is damaged ({error}); it was deleted, and "
-                                      "the next run encodes the image again") from error
+                raise UnreadableImage(reason) from error
         failure = _read_text(entry + FAILED_SUFFIX)
         if failure is not None:
             raise UnreadableImage(f"{failure} (when the latent cache was filled)")
