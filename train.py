@@ -70,18 +70,24 @@ def make_accelerator(plan: RunPlan):
 
 def multi_process_settings(config: TrainConfig) -> list:
     """How DistributedDataParallel and the process group are set up when several processes train."""
-    import datetime
-
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs
 
     # find_unused_parameters: with clip_skip the text encoder's last layers get no gradient, and gradient
     # averaging must be told not to wait for them (clip_skip may change live with load_settings_every_epoch).
     # broadcast_buffers off: no buffer of the UNet or text encoder changes in training, and the broadcast at
     # each forward would pair wrongly when one process runs an extra forward (train_batch's stand-in).
     unused = not config.disable_textenc_training and (config.clip_skip > 1 or config.load_settings_every_epoch)
-    # The other processes wait while the main one samples, validates or saves: allow them an hour.
     return [DistributedDataParallelKwargs(find_unused_parameters=unused, broadcast_buffers=False),
-            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))]
+            process_group_timeout()]
+
+
+def process_group_timeout():
+    """The other processes wait while the main one samples, validates or saves: allow them an hour."""
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
 
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
@@ -714,7 +720,9 @@ def finish_as_finished(finished) -> int:
 
         from utils.processes import check_finished_everywhere_or_nowhere
 
-        accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(), dynamo_backend="no")
+        # The same timeout as the others' (the main process may still be scanning the data when this one joins).
+        accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(), dynamo_backend="no",
+                                  kwargs_handlers=[process_group_timeout()])
         check_finished_everywhere_or_nowhere(accelerator, True)
     print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
     return 0

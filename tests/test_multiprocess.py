@@ -286,6 +286,33 @@ def test_each_machine_shares_the_latent_cache_among_its_own_processes(monkeypatc
 
 
 
+def test_every_process_takes_part_in_sharing_the_seed_whatever_its_own_seed_setting(monkeypatch):
+    """With `seed: -1` the processes train the main process's draw. Machines may each read their own copy of
+    the config: one whose copy says `seed: 42` while the main process's says -1 used to skip the broadcast the
+    others were in, and wait in the next collective for an hour. Now every process takes part, and
+    check_same_plan then names the difference."""
+    import accelerate.utils
+
+    import train
+    from utils.processes import share_random_seed
+
+    settings = ["--config", str(REPO / "train.json"), "--data_root", str(REPO / "examples" / "images")]
+    accelerator = types.SimpleNamespace(num_processes=2)
+    main = train.plan_run([*settings, "--seed", "-1"], random_seed=1234)  # the main process drew 1234
+    broadcasts = []
+
+    def from_main(values, from_process=0):
+        broadcasts.append(values)
+        return [(main.loaded.config.seed, main.config.seed)]
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", from_main)
+    fixed = train.plan_run([*settings, "--seed", "42"])  # process 1's copy of the config fixes the seed
+    assert share_random_seed(fixed, accelerator, [*settings, "--seed", "42"]) is fixed
+    assert len(broadcasts) == 1  # it took part; check_same_plan then names the settings that differ
+    drawn = train.plan_run([*settings, "--seed", "-1"], random_seed=99)  # process 1 drew another
+    assert share_random_seed(drawn, accelerator, [*settings, "--seed", "-1"]).config.seed == 1234
+
+
 def test_processes_that_planned_different_runs_stop_before_training(tmp_path, monkeypatch):
     """Each process plans the run itself. An image added while they started would make their shares of each
     epoch not fit together; other settings, or another checkpoint to resume (machines each with their own

@@ -12,13 +12,17 @@ from __future__ import annotations
 def share_random_seed(plan, accelerator, argv: list[str]):
     """With `seed: -1` each process drew its own seed; every process must train the main process's (the
     epoch plan each takes its share of, the crops and the noise all come from it): the others plan again
-    (utils.run_plan.RunPlan)."""
+    (utils.run_plan.RunPlan). Every process takes part, whatever its own config says (machines may each
+    read their own copy); one whose seed setting differs from the main process's is left for
+    check_same_plan to name."""
     from utils.run_plan import plan_run
 
-    if accelerator.num_processes == 1 or plan.loaded.config.seed != -1:
+    if accelerator.num_processes == 1:
         return plan
-    seed = main_process_value(accelerator, plan.config.seed)
-    return plan if seed == plan.config.seed else plan_run(argv, random_seed=seed)
+    main_setting, main_seed = main_process_value(accelerator, (plan.loaded.config.seed, plan.config.seed))
+    if plan.loaded.config.seed != -1 or main_setting != -1 or main_seed == plan.config.seed:
+        return plan
+    return plan_run(argv, random_seed=main_seed)
 
 
 class ProcessesPlannedDifferently(Exception):
