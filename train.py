@@ -687,45 +687,57 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(short_usage())
         return 0
-    from utils.processes import (ProcessesPlannedDifferently, check_finished_everywhere_or_nowhere, check_same_plan,
-                                 share_random_seed)
+    from utils.processes import ProcessesPlannedDifferently
     from utils.resume import NothingToResume
 
     try:
-        try:
-            plan = plan_run(argv)
-        except NothingToResume as finished:
-            return finish_as_finished(finished)
-        accelerator = None if plan.config.dry_run else make_accelerator(plan)
-        if accelerator:
-            check_finished_everywhere_or_nowhere(accelerator, False)
-            plan = share_random_seed(plan, accelerator, argv)
-            check_same_plan(plan, accelerator)
+        plan, accelerator = plan_together(argv)
     except (ConfigError, ProcessesPlannedDifferently) as error:
         print(error, file=sys.stderr)
         return 2
+    except NothingToResume as finished:
+        print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
+        return 0
     if plan.config.dry_run:
         return dry_run(plan)
     run_dir = start_run(plan, accelerator)
     return train(plan, accelerator, run_dir)
 
 
-def finish_as_finished(finished) -> int:
-    """--resume_run auto found this session already finished (utils.resume.NothingToResume): nothing to do. A
-    process of a launch first joins the launch's process group, to check that every process found the same
-    (utils.processes.check_finished_everywhere_or_nowhere). Raises ProcessesPlannedDifferently."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not finished.dry_run:
-        import torch
-        from accelerate import Accelerator
+def plan_together(argv: list[str]):
+    """(the plan, the accelerator; None for a dry run). Under a launch of several processes, each joins the
+    process group whatever its planning found, and they go on only together (utils.processes.agree_to_start):
+    a process that could not plan the run (its machine's copy of the config, the data or logdir; bf16 on an
+    older GPU), or found the session finished, would otherwise end while the others wait an hour for it.
+    Raises ConfigError, NothingToResume or ProcessesPlannedDifferently, alike on every process of a launch."""
+    from utils.processes import READY, agree_to_start, check_same_plan, join_launch, share_random_seed
+    from utils.resume import NothingToResume
 
-        from utils.processes import check_finished_everywhere_or_nowhere
+    try:
+        plan = plan_run(argv)
+        accelerator = None if plan.config.dry_run else make_accelerator(plan)
+    except (ConfigError, NothingToResume) as error:
+        dry = error.dry_run if isinstance(error, NothingToResume) else asks_for_a_dry_run(argv)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dry:
+            agree_to_start(join_launch(process_group_timeout()), error)
+        raise
+    if accelerator is None:
+        return plan, None
+    agree_to_start(accelerator, READY)
+    plan = share_random_seed(plan, accelerator, argv)
+    check_same_plan(plan, accelerator)
+    return plan, accelerator
 
-        # The same timeout as the others' (the main process may still be scanning the data when this one joins).
-        accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(), dynamo_backend="no",
-                                  kwargs_handlers=[process_group_timeout()])
-        check_finished_everywhere_or_nowhere(accelerator, True)
-    print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
-    return 0
+
+def asks_for_a_dry_run(argv: list[str]) -> bool:
+    """Whether the command line says --dry_run (for a process whose config could not be loaded: a dry run
+    forms no process group)."""
+    from utils.config import parse_cli
+
+    try:
+        return bool(parse_cli(argv)[1].get("dry_run"))
+    except ConfigError:
+        return False
 
 
 @dataclass

@@ -77,6 +77,32 @@ def launch_two(*args: str, env: dict | None = None, timeout: float = 600) -> sub
     return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
 
 
+def launch_as_two_machines(*args: str, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Two launches of one process each, as on two machines (--num_machines 2), each launcher knowing only its
+    own process: when one process ends, nothing ends the other, as on a real cluster."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+         str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", *args], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [launch.communicate(timeout=timeout) for launch in launches]
+    except subprocess.TimeoutExpired:
+        for launch in launches:
+            for process in [*psutil.Process(launch.pid).children(recursive=True), psutil.Process(launch.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        outputs = [launch.communicate() for launch in launches]
+        pytest.fail(f"the launches ran past {timeout} s:\n" + "\n".join(out + err for out, err in outputs))
+    return [subprocess.CompletedProcess(launch.args, launch.returncode, out, err)
+            for launch, (out, err) in zip(launches, outputs)]
+
+
 def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo), the text encoder training: one run
     folder, one set of checkpoints, every image loaded once per epoch across the two processes, and a NaN
@@ -232,6 +258,26 @@ def test_a_session_finished_in_one_machines_logdir_and_not_in_anothers_stops_eve
     agree = launch_two(*session, timeout=180)
     assert agree.returncode == 0, agree.stdout + agree.stderr
     assert agree.stdout.count("this session already finished") == 2
+
+
+def test_a_process_whose_config_is_wrong_stops_the_processes_of_the_other_machines_too(tmp_path):
+    """Machines that each read their own copy of the config: machine 1's has a misspelt key. Its process used
+    to end at once, and the process on machine 0 (whose launcher knows nothing of machine 1's) waited for it
+    to join the process group for the group's timeout, an hour. Now it joins all the same, and both stop with
+    machine 1's error."""
+    machines = [tmp_path / "machine-0", tmp_path / "machine-1"]
+    settings = {**json.loads((REPO / "train.json").read_text()), "data_root": str(REPO / "examples" / "images"),
+                "sample_prompts": None, "no_save_ckpt": True, "num_workers": 0}
+    for machine, extra in zip(machines, ({}, {"learning_rate_typo": 1e-4})):
+        machine.mkdir()
+        (machine / "session.json").write_text(json.dumps({**settings, **extra}))
+    launches = launch_as_two_machines("tests/in_own_folder.py", *map(str, machines), "--config", "session.json",
+                                      timeout=180)
+    for launch in launches:
+        assert launch.returncode != 0
+        assert "process(es) 1 could not start the run" in launch.stderr, launch.stdout + launch.stderr
+        assert "learning_rate_typo" in launch.stderr
+    assert not any((machine / "logs").exists() for machine in machines)  # nothing started
 
 
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():

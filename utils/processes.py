@@ -65,19 +65,46 @@ def check_same_plan(plan, accelerator) -> None:
             + " ".join(problems) + " Then start the run again.")
 
 
-def check_finished_everywhere_or_nowhere(accelerator, finished_here: bool) -> None:
-    """`--resume_run auto` finds the session finished, or not, in each machine's copy of logdir. Processes
-    that found it finished would end at once, and the others would wait for them for ever: each process,
-    finished or not, joins the launch's process group and says what it found. Raises
-    ProcessesPlannedDifferently, on every process, when they disagree."""
+READY = "ready"  # agree_to_start: this process planned the run and can train
+
+
+def join_launch(group_settings):
+    """The launch's process group (set up with `group_settings`, accelerate's InitProcessGroupKwargs) for a
+    process that has no accelerator, its planning having stopped it: accelerate's PartialState, which
+    agree_to_start takes as it takes an Accelerator."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), **group_settings.to_kwargs())
+
+
+def agree_to_start(accelerator, outcome) -> None:
+    """Compare what every process's planning found, before anything else: READY, or the exception that stops
+    it (a ConfigError; NothingToResume: `--resume_run auto` found the session finished). A process that ended
+    alone would leave the others waiting for it in their first collective for the process group's timeout (an
+    hour), so every process joins the group whatever it found, and they go on only together: all READY, or all
+    finding the session finished (the caller then ends). Raises ProcessesPlannedDifferently, on every process,
+    naming which processes could not start and why, or which found the session finished in their copy of
+    logdir when the others did not."""
+    from utils.resume import NothingToResume
+
     if accelerator.num_processes == 1:
         return
-    finished = [index for index, found in enumerate(gathered(accelerator, [finished_here])) if found]
-    if 0 < len(finished) < accelerator.num_processes:
+    mine = READY if outcome == READY else ("finished" if isinstance(outcome, NothingToResume) else str(outcome))
+    outcomes = gathered(accelerator, [mine])
+    failed: dict[str, list[str]] = {}  # each message, and which processes stopped with it
+    for index, found in enumerate(outcomes):
+        if found not in (READY, "finished"):
+            failed.setdefault(found, []).append(str(index))
+    if failed:
+        raise ProcessesPlannedDifferently("\n".join(f"process(es) {', '.join(indices)} could not start the run:\n"
+                                                    f"{message}" for message, indices in failed.items()))
+    finished = [str(index) for index, found in enumerate(outcomes) if found == "finished"]
+    if 0 < len(finished) < len(outcomes):
         raise ProcessesPlannedDifferently(
-            f"--resume_run auto: process(es) {', '.join(map(str, finished))} found this session already finished "
-            "in their copy of logdir, and the others did not. Let every machine see the main machine's logdir "
-            "(a shared folder, or a copy), then start the run again.")
+            f"--resume_run auto: process(es) {', '.join(finished)} found this session already finished in their "
+            "copy of logdir, and the others did not. Let every machine see the main machine's logdir (a shared "
+            "folder, or a copy), then start the run again.")
 
 
 def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
