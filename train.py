@@ -829,7 +829,11 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
         except KeyboardInterrupt:
             log.error("stopped at once by a second Ctrl-C at step %d, without saving", run.state.global_step)
             return 130
-        except (NonFiniteTraining, NonFiniteWeights, NotEnoughDiskSpace) as error:
+        except (NonFiniteTraining, NonFiniteWeights) as error:  # found on every process at the same step
+            log.error("%s", error)
+            save_after_error(run, together=True)
+            return 1
+        except NotEnoughDiskSpace as error:
             log.error("%s", error)
             save_after_error(run)
             return 1
@@ -1074,8 +1078,13 @@ def validate_if_due(run: Run) -> bool:
     return stop
 
 
-def save_after_error(run: Run) -> None:
-    """An errored- checkpoint of the weights as they are, when they can be saved at all."""
+def save_after_error(run: Run, together: bool = False) -> None:
+    """An errored- checkpoint of the weights as they are, when they can be saved at all.
+
+    `together`: the error struck every process at the same point, and the others wait until the main process
+    has written, for a launcher ends every process as soon as one exits. (An error that may have struck one
+    process alone cannot wait for the others: they may never come.)
+    """
     from utils.run_checkpoints import save_checkpoint
 
     try:
@@ -1085,6 +1094,9 @@ def save_after_error(run: Run) -> None:
                       "periodic or interrupted- checkpoint)", folder)
     except Exception as error:  # noqa: BLE001 - a failed rescue must not hide the error that caused it
         log.error("no errored- checkpoint could be saved: %s", error)
+    finally:
+        if together:
+            run.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -106,6 +106,29 @@ def test_nan_weights_are_never_saved(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_after_an_error_every_process_found_the_others_wait_for_the_main_process_to_save(tmp_path, monkeypatch):
+    """Divergence (NaN losses in a row) and NaN weights are found by every process at the same step. The others
+    then wait until the main process has written its errored- checkpoint: a launcher ends every process as
+    soon as one exits, which cut a large model's save short. An error that may have struck one process alone
+    waits for no other."""
+    import utils.run_checkpoints
+
+    events = []
+
+    def save(run, kind):
+        events.append(f"saved {kind}")
+        if run.plan.fail:
+            raise OSError("the disk failed")
+
+    monkeypatch.setattr(utils.run_checkpoints, "save_checkpoint", save)
+    for together, fail in ((True, False), (True, True), (False, False)):
+        events.clear()
+        run = SimpleNamespace(plan=SimpleNamespace(fail=fail),
+                              accelerator=SimpleNamespace(wait_for_everyone=lambda: events.append("waited")))
+        train.save_after_error(run, together=together)
+        assert events == ["saved errored", "waited"] if together else ["saved errored"]
+
+
 def test_only_the_two_newest_checkpoints_keep_the_optimizer_state_unless_save_optimizer(tmp_path):
     run = make_run(tmp_path, no_save_ckpt=True)
     first = Path(save_checkpoint(run, "periodic"))
