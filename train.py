@@ -164,15 +164,34 @@ class Trainee:
         return {name: module for name, (module, trained) in parts.items() if trained}
 
 
+def load_together(plan: RunPlan, accelerator) -> Trainee:
+    """load_trainee on every process, going on only if every one loaded the model: under a launch a process
+    that could not (its machine's copy of the model, out of memory) would otherwise end while the others wait
+    an hour for it. Raises what load_trainee raises, or ProcessesPlannedDifferently naming the processes that
+    could not load and why (utils.processes.agree_to_start)."""
+    from utils.checkpoint import DamagedCheckpoint
+    from utils.models import ModelLoadError
+    from utils.processes import READY, agree_to_start
+
+    try:
+        trainee = load_trainee(plan, accelerator)
+    except (ModelLoadError, DamagedCheckpoint, RuntimeError) as error:
+        agree_to_start(accelerator, error)
+        raise
+    agree_to_start(accelerator, READY)
+    return trainee
+
+
 def load_trainee(plan: RunPlan, accelerator) -> Trainee:
     """Load the model and set which parts train, their attention kernel and checkpointing."""
     import torch
 
     from optimizer.optimizers import freeze_text_encoder_parts
     from utils.models import load_model, training_noise_scheduler, zero_terminal_snr_inference_scheduler
+    from utils.processes import main_process_first
 
     config = plan.config
-    with accelerator.main_process_first():  # a single file is converted once; other processes reuse it
+    with main_process_first(accelerator):  # a single file is converted once; other processes reuse it
         model = load_model(plan.model_source, config.logdir, config.ckpt_cache_dir, config.single_file_config)
     train_unet, train_te = not config.disable_unet_training, not config.disable_textenc_training
     for module, trained in ((model.unet, train_unet), (model.text_encoder, train_te), (model.vae, False)):
@@ -772,13 +791,14 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
     from utils.plugins import PluginRunner
+    from utils.processes import ProcessesPlannedDifferently
     from utils.run_checkpoints import NonFiniteWeights, resumable_save_at, save_checkpoint
     from utils.sample_rounds import SampleRounds
     from utils.tracker import make_tracker
     from utils.training_state import ResumeStateError, load_resume_state
 
     try:
-        trainee = load_trainee(plan, accelerator)
+        trainee = load_together(plan, accelerator)
         optimizer, schedule = prepare_optimizer(plan, trainee, accelerator)
         run = Run(plan, trainee, optimizer, schedule, accelerator, run_dir, LoopState())
         log_summary(plan, trainee, run_dir, accelerator)
@@ -791,7 +811,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                 apply_group_settings(optimizer, schedule, plan.optimizer_settings)
         if accelerator.num_processes > 1:
             settle_gradient_buckets(trainee, accelerator, plan.config)
-    except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError) as error:
+    except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError, ProcessesPlannedDifferently) as error:
         log.error("%s", error)
         return 2
     # Events a killed run logged after the checkpoint being resumed are dropped: the resumed run logs them anew.

@@ -111,6 +111,25 @@ def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
         load_diffusers_folder(str(tmp_path))
 
 
+def test_a_model_folder_with_a_weight_file_missing_or_cut_short_is_a_clear_error(tiny_folder, tmp_path):
+    import shutil
+
+    for damage in ("missing", "cut short"):
+        folder = tmp_path / damage.replace(" ", "_")
+        shutil.copytree(tiny_folder, folder)
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        if damage == "missing":
+            weights.unlink()
+        else:
+            with open(weights, "r+b") as handle:
+                handle.truncate(weights.stat().st_size - 100)
+        with pytest.raises(ModelLoadError) as excinfo:
+            load_model(str(folder))
+        message = str(excinfo.value)
+        assert message.startswith(f"resume_ckpt: {folder} could not be loaded: ") and "unet" in message, message
+        assert "Copy or download the model folder again" in message
+
+
 def test_a_hub_id_offline_is_a_clear_error_not_a_stack_trace(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -280,6 +280,24 @@ def test_a_process_whose_config_is_wrong_stops_the_processes_of_the_other_machin
     assert not any((machine / "logs").exists() for machine in machines)  # nothing started
 
 
+def test_a_machine_whose_copy_of_the_model_is_incomplete_stops_the_others_too(tmp_path, tiny_folder):
+    """Machines with their own copies of the base model: machine 1's lacks its UNet weights. Both planned the
+    same run; machine 1 cannot load the model and says so to the others, and both stop with its error."""
+    machines = [tmp_path / "machine-0", tmp_path / "machine-1"]
+    settings = {**json.loads((REPO / "train.json").read_text()), "data_root": str(REPO / "examples" / "images"),
+                "resume_ckpt": "model", "sample_prompts": None, "no_save_ckpt": True, "num_workers": 0}
+    for machine in machines:
+        shutil.copytree(tiny_folder, machine / "model")
+        (machine / "session.json").write_text(json.dumps(settings))
+    (machines[1] / "model" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    launches = launch_as_two_machines("tests/in_own_folder.py", *map(str, machines), "--config", "session.json",
+                                      timeout=180)
+    for launch in launches:
+        assert launch.returncode != 0
+        output = launch.stdout + launch.stderr
+        assert "process(es) 1 could not start the run" in output and "resume_ckpt: model could not be loaded" in output, output
+
+
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():
     """DDP regroups its gradient buckets at the first forward after its first backward.
     settle_gradient_buckets does both, so every process regroups there and not at its first training

@@ -97,9 +97,14 @@ def load_diffusers_folder(folder: str, source: str | None = None) -> SDModel:
                                _read_json(folder, "text_encoder/config.json"))
     except UnsupportedModel as error:
         raise ModelLoadError(f"resume_ckpt: {folder}: {error}") from None
-    pipeline = family.pipeline_class().from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        dtype=torch.float32)  # train in fp32 master weights whatever the file holds
+    try:
+        pipeline = family.pipeline_class().from_pretrained(
+            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            dtype=torch.float32)  # train in fp32 master weights whatever the file holds
+    except (OSError, ValueError) as error:  # a weight file missing or damaged, a config that does not fit
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"resume_ckpt: {folder} could not be loaded: {first_line} Copy or download the model "
+                             "folder again: a file in it is missing or incomplete.") from None
     parts = {name: getattr(pipeline, name) for name in COMPONENTS}
     return SDModel(**parts, family=family, source=source or folder)
 

@@ -8,6 +8,8 @@ each other for ever.
 
 from __future__ import annotations
 
+import contextlib
+
 
 def share_random_seed(plan, accelerator, argv: list[str]):
     """With `seed: -1` each process drew its own seed; every process must train the main process's (the
@@ -65,7 +67,7 @@ def check_same_plan(plan, accelerator) -> None:
             + " ".join(problems) + " Then start the run again.")
 
 
-READY = "ready"  # agree_to_start: this process planned the run and can train
+READY = "ready"  # agree_to_start: this process planned the run (or loaded the model) and can go on
 
 
 def join_launch(group_settings):
@@ -105,6 +107,20 @@ def agree_to_start(accelerator, outcome) -> None:
             f"--resume_run auto: process(es) {', '.join(finished)} found this session already finished in their "
             "copy of logdir, and the others did not. Let every machine see the main machine's logdir (a shared "
             "folder, or a copy), then start the run again.")
+
+
+@contextlib.contextmanager
+def main_process_first(accelerator):
+    """The main process runs the block first, then the others (accelerate's main_process_first), and its
+    barrier is passed even when the main process's block raises: every process then meets the others in
+    agree_to_start rather than one waiting in a barrier and another in a gather."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            accelerator.wait_for_everyone()
 
 
 def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
