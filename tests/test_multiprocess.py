@@ -295,7 +295,8 @@ def test_a_machine_whose_copy_of_the_model_is_incomplete_stops_the_others_too(tm
     for launch in launches:
         assert launch.returncode != 0
         output = launch.stdout + launch.stderr
-        assert "process(es) 1 could not start the run" in output and "resume_ckpt: model could not be loaded" in output, output
+        assert "process(es) 1 could not start the run" in output, output
+        assert "resume_ckpt: model could not be loaded" in output, output
 
 
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():
