@@ -732,15 +732,17 @@ def plan_together(argv: list[str]):
     from utils.processes import READY, agree_to_start, check_same_plan, join_launch, share_random_seed
     from utils.resume import NothingToResume
 
+    together = launched_with_others(argv)
     try:
         plan = plan_run(argv)
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
     except (ConfigError, NothingToResume) as error:
-        dry = error.dry_run if isinstance(error, NothingToResume) else asks_for_a_dry_run(argv)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dry:
+        if together:
             agree_to_start(join_launch(process_group_timeout()), error)
         raise
-    if accelerator is None:
+    if accelerator is None:  # a dry run: the main process reports, the others end
+        if together:  # dry_run in the config file, which a process that could not read it cannot know
+            agree_to_start(join_launch(process_group_timeout()), READY)
         return plan, None
     agree_to_start(accelerator, READY)
     plan = share_random_seed(plan, accelerator, argv)
@@ -748,15 +750,18 @@ def plan_together(argv: list[str]):
     return plan, accelerator
 
 
-def asks_for_a_dry_run(argv: list[str]) -> bool:
-    """Whether the command line says --dry_run (for a process whose config could not be loaded: a dry run
-    forms no process group)."""
+def launched_with_others(argv: list[str]) -> bool:
+    """Whether this process is one of several that form a process group: started by accelerate launch or
+    torchrun (they set WORLD_SIZE and MASTER_ADDR), and not for a dry run asked on the command line (the same
+    for every process), which forms none."""
     from utils.config import parse_cli
 
-    try:
-        return bool(parse_cli(argv)[1].get("dry_run"))
-    except ConfigError:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "MASTER_ADDR" not in os.environ:
         return False
+    try:
+        return not parse_cli(argv)[1].get("dry_run")
+    except ConfigError:
+        return True
 
 
 @dataclass
@@ -832,6 +837,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
 
         run.validation = Validation(plan.validation, plan.batches_per_epoch,
                                     functools.partial(trainee.model.family.tokenize, trainee.model.tokenizer))
+        run.validation.adopt(run.state)
     with StopRequests() as stop, contextlib.closing(run.tracker):
         try:
             run.plugins.run("on_training_start", log_folder=run_dir, project_name=plan.config.project_name)

@@ -126,7 +126,7 @@ def test_after_an_error_every_process_found_the_others_wait_for_the_main_process
         run = SimpleNamespace(plan=SimpleNamespace(fail=fail),
                               accelerator=SimpleNamespace(wait_for_everyone=lambda: events.append("waited")))
         train.save_after_error(run, together=together)
-        assert events == ["saved errored", "waited"] if together else ["saved errored"]
+        assert events == (["saved errored", "waited"] if together else ["saved errored"])
 
 
 def test_only_the_two_newest_checkpoints_keep_the_optimizer_state_unless_save_optimizer(tmp_path):

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 from collections import Counter
 from pathlib import Path
@@ -90,13 +91,16 @@ def launch_as_two_machines(*args: str, timeout: float = 300) -> list[subprocess.
          str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
          "--mixed_precision", "no", "--dynamo_backend", "no", *args], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    deadline = time.monotonic() + timeout
     try:
-        outputs = [launch.communicate(timeout=timeout) for launch in launches]
+        outputs = [launch.communicate(timeout=max(1.0, deadline - time.monotonic())) for launch in launches]
     except subprocess.TimeoutExpired:
-        for launch in launches:
-            for process in [*psutil.Process(launch.pid).children(recursive=True), psutil.Process(launch.pid)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
+        for launch in launches:  # one may have ended already: end whatever is left of each tree
+            with contextlib.suppress(psutil.NoSuchProcess):
+                tree = psutil.Process(launch.pid)
+                for process in [*tree.children(recursive=True), tree]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
         outputs = [launch.communicate() for launch in launches]
         pytest.fail(f"the launches ran past {timeout} s:\n" + "\n".join(out + err for out, err in outputs))
     return [subprocess.CompletedProcess(launch.args, launch.returncode, out, err)
@@ -278,6 +282,31 @@ def test_a_process_whose_config_is_wrong_stops_the_processes_of_the_other_machin
         assert "process(es) 1 could not start the run" in launch.stderr, launch.stdout + launch.stderr
         assert "learning_rate_typo" in launch.stderr
     assert not any((machine / "logs").exists() for machine in machines)  # nothing started
+
+
+def test_a_dry_run_set_in_the_config_file_stops_every_process_when_one_cannot_read_its_config(tmp_path):
+    """`dry_run: true` in the config file, which a process that cannot load its config cannot see: the
+    processes that could still join the process group, so the one that could not is not left waiting for
+    them (a dry run asked with --dry_run, the same on every command line, forms no group at all)."""
+    machines = [tmp_path / "machine-0", tmp_path / "machine-1"]
+    settings = {**json.loads((REPO / "train.json").read_text()), "sample_prompts": None, "dry_run": True}
+    for machine, data_root in zip(machines, (str(REPO / "examples" / "images"), "no-such-folder")):
+        machine.mkdir()
+        (machine / "session.json").write_text(json.dumps({**settings, "data_root": data_root}))
+    launch = launch_two("tests/in_own_folder.py", *map(str, machines), "--config", "session.json", timeout=180)
+    assert launch.returncode != 0
+    assert "process(es) 1 could not start the run" in launch.stderr and "no-such-folder" in launch.stderr
+
+
+def test_a_stray_world_size_without_a_launcher_leaves_a_config_error_as_it_is(tmp_path):
+    """WORLD_SIZE left in the environment, but no launcher (no MASTER_ADDR): a config error is printed as
+    it is, not turned into an attempt to join a process group that does not exist."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT", "RANK")}
+    result = subprocess.run([sys.executable, "train.py", "--config", str(REPO / "train.json"), "--data_root",
+                             str(tmp_path / "missing")], cwd=REPO, env={**env, "WORLD_SIZE": "2"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "data_root" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_machine_whose_copy_of_the_model_is_incomplete_stops_the_others_too(tmp_path, tiny_folder):

@@ -275,6 +275,11 @@ def test_the_newest_save_is_resumed_and_keeps_its_optimizer_state_though_an_olde
     drop_older_optimizer_states(str(run_dir / "ckpts"), keep=1)
     assert (run_dir / "ckpts" / "resume-ep00-gs00004" / "optimizer.pt").is_file()
     assert not (before / "optimizer.pt").exists()
+    # The clock set back between two saves: the one just written keeps its state all the same.
+    (before / "optimizer.pt").write_text("{}")
+    drop_older_optimizer_states(str(run_dir / "ckpts"), keep=1, just_written=str(before))
+    assert (before / "optimizer.pt").is_file()
+    assert not (run_dir / "ckpts" / "resume-ep00-gs00004" / "optimizer.pt").exists()
 
 
 def test_force_resume_applies_the_new_learning_rate_from_the_current_step(tmp_path):

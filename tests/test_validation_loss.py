@@ -75,6 +75,13 @@ def test_relative_losses_stay_relative_to_the_first_values_after_a_resume(measur
         "loss/val": -0.375, "loss/other": 0.0}
     assert validation.logged({"loss/val": 0.125}, {}) == {"loss/val": 0.125}  # without use_relative_loss
 
+    resumed.best_validation_loss = 0.125
+    relative.adopt(resumed)  # a state that kept its first values: left as it is
+    assert resumed.best_validation_loss == 0.125
+    older = LoopState(best_validation_loss=-0.25, validations_without_improvement=2)  # saved before they were kept
+    relative.adopt(older)
+    assert (older.best_validation_loss, older.validations_without_improvement) == (None, 0)
+
 
 def test_the_loss_type_and_min_snr_apply_as_in_training(measured):
     trainee, validation = measured

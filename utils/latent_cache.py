@@ -127,6 +127,8 @@ class LatentCache:
         if os.path.exists(entry):
             try:
                 return load_file(entry)[PARAMS]
+            except FileNotFoundError:
+                pass  # another worker found it damaged and deleted it just now, its failure recorded first (below)
             except OSError as error:  # the disk or the network file system failed to read it: left for next time
                 raise UnreadableImage(f"its latent cache entry {entry} could not be read ({error})") from error
             except Exception as error:  # not our partial write (rename is atomic): a damaged disk or copy
@@ -140,7 +142,7 @@ class LatentCache:
                 raise UnreadableImage(reason) from error
         failure = _read_text(entry + FAILED_SUFFIX)
         if failure is not None:
-            raise UnreadableImage(f"{failure} (when the latent cache was filled)")
+            raise UnreadableImage(failure)
         raise MissingLatents(f"{path}: no cached latents for {variant} in {self.folder}; fill_latent_cache must "
                              "run over image_variants() of this plan, with this VAE, before training")
 
@@ -268,7 +270,7 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
                     good.append((path, variant, pixels))
                 else:
                     failed.setdefault(path, f"cannot be read: {pixels}")
-                    cache.record_failure(path, variant, f"cannot be read: {pixels}")
+                    cache.record_failure(path, variant, f"cannot be read: {pixels} (when the latent cache was filled)")
             if good:
                 params = encode_posterior(vae, torch.stack([pixels for _, _, pixels in good]), device, autocast)
                 for (path, variant, _), row in zip(good, params):

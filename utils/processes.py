@@ -92,7 +92,7 @@ def agree_to_start(accelerator, outcome) -> None:
 
     if accelerator.num_processes == 1:
         return
-    mine = READY if outcome == READY else ("finished" if isinstance(outcome, NothingToResume) else str(outcome))
+    mine = READY if outcome is READY else ("finished" if isinstance(outcome, NothingToResume) else str(outcome))
     outcomes = gathered(accelerator, [mine])
     failed: dict[str, list[str]] = {}  # each message, and which processes stopped with it
     for index, found in enumerate(outcomes):

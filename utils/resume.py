@@ -78,10 +78,6 @@ def session_key(config: dict) -> str:
 class NothingToResume(Exception):
     """`--resume_run auto` found this session's run already finished (str(): its folder)."""
 
-    def __init__(self, run_dir: str, dry_run: bool = False):
-        super().__init__(run_dir)
-        self.dry_run = dry_run  # asked with --dry_run: no process group is formed
-
 
 def load_settings(argv: list[str]) -> tuple[LoadedConfig, ResumeTarget | None]:
     """The config and, with resume_run (a flag, or a key of the config file), what it continues. Without
@@ -104,7 +100,7 @@ def load_settings(argv: list[str]) -> tuple[LoadedConfig, ResumeTarget | None]:
     except ResumeError as error:
         raise ConfigError([ConfigProblem("resume_run", "command line", str(error))]) from None
     if isinstance(target, FinishedRun):
-        raise NothingToResume(target.run_dir, loaded.config.dry_run)
+        raise NothingToResume(target.run_dir)
     return loaded, target
 
 

@@ -90,7 +90,7 @@ def write_checkpoint(run, kind: str) -> str:
     log.info("saved %s%s%s", folder, f" (EMA weights in {EMA_FOLDER}/)" if trainee.ema else "",
              " with the training state" if resumable else " with the optimizer state" if with_optimizer else "")
     if kind in ("periodic", "interrupted", "final") and not config.save_optimizer:
-        drop_older_optimizer_states(ckpts_dir, keep=0 if kind == "final" else 2)
+        drop_older_optimizer_states(ckpts_dir, keep=0 if kind == "final" else 2, just_written=folder)
     if kind == "best":
         for name in os.listdir(ckpts_dir):  # the earlier best one
             if name.startswith(PREFIXES["best"]) and os.path.join(ckpts_dir, name) != folder:
@@ -163,9 +163,11 @@ def save_sizes(run, ckpts_dir: str, single_dir: str | None, with_optimizer: bool
     return needs
 
 
-def drop_older_optimizer_states(ckpts_dir: str, keep: int) -> None:
+def drop_older_optimizer_states(ckpts_dir: str, keep: int, just_written: str | None = None) -> None:
     """Delete the optimizer state of all but the `keep` newest of the run's checkpoints that hold one (see
-    the module doc). errored- checkpoints are left alone: they were never counted as resumable."""
+    the module doc), counting `just_written` the newest whatever its recorded time (a clock set back must
+    not cost the save just made its state). errored- checkpoints are left alone: they were never counted as
+    resumable."""
     holding = []
     for name in os.listdir(ckpts_dir):
         folder = os.path.join(ckpts_dir, name)
@@ -173,7 +175,8 @@ def drop_older_optimizer_states(ckpts_dir: str, keep: int) -> None:
                 os.path.join(folder, OPTIMIZER_STATE_FILE)):
             continue
         try:
-            holding.append((save_order(read_record(folder)), folder))
+            newest = just_written is not None and os.path.abspath(folder) == os.path.abspath(just_written)
+            holding.append(((newest, *save_order(read_record(folder))), folder))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a checkpoint this code wrote: leave it alone
     for _, folder in sorted(holding, reverse=True)[keep:]:

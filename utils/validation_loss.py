@@ -55,6 +55,14 @@ class Validation:
             values[self.plan.combined_tag] = sum(losses[name] for name in self.plan.held_out) / len(self.plan.held_out)
         return values
 
+    def adopt(self, state) -> None:
+        """Take over a resumed run's loop state (utils.loop_state.LoopState). One saved before the state kept
+        each curve's first value held its best validation loss relative to it, not comparable with the losses
+        now compared: it is forgotten, and the next validation sets it anew."""
+        if self.plan.settings.use_relative_loss and state.best_validation_loss is not None \
+                and not state.first_validation_losses:
+            state.best_validation_loss, state.validations_without_improvement = None, 0
+
     def logged(self, values: dict[str, float], first: dict[str, float]) -> dict[str, float]:
         """The values as logged: with use_relative_loss, each minus its curve's first value (`first`, from the
         run's LoopState, takes the values of curves measured for the first time)."""
