@@ -175,7 +175,7 @@ def load_together(plan: RunPlan, accelerator) -> Trainee:
 
     try:
         trainee = load_trainee(plan, accelerator)
-    except (ModelLoadError, DamagedCheckpoint, RuntimeError) as error:
+    except (ModelLoadError, DamagedCheckpoint, RuntimeError, OSError) as error:  # OSError: ema_resume_model's files
         agree_to_start(accelerator, error)
         raise
     agree_to_start(accelerator, READY)
