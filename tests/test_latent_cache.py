@@ -245,6 +245,9 @@ def test_unreadable_images_are_reported_and_skipped(vae, tmp_path):
         sample = plan_sample(items, v.index, 0, 0, OPTIONS)
         got = dataset[sample]
         assert ("failed" in got) == (v.index in (0, 2))
+        if "failed" in got and v.index == 0:  # read from the failure the fill recorded, said once
+            assert got["reason"].startswith("cannot be read: ") and got["reason"].count("cannot be read") == 1
+            assert got["reason"].endswith("(when the latent cache was filled)")
 
 
 def test_a_damaged_entry_is_encoded_again_or_skipped_and_reported(vae, tmp_path):
@@ -299,6 +302,29 @@ def test_an_entry_that_the_disk_fails_to_read_is_skipped_this_time_and_kept(fill
     monkeypatch.undo()
     assert os.path.exists(entry) and not os.path.exists(entry + latent_cache.FAILED_SUFFIX)
     assert cache.load(items[sample.index].path, sample.variant).shape[0] == 8
+
+
+def test_an_entry_another_worker_just_deleted_as_damaged_reads_as_its_recorded_failure(filled, monkeypatch):
+    """Two loader workers meet the same damaged entry: one records the failure and deletes the entry between
+    the other's check that it exists and its read. The other reports the recorded failure too."""
+    import utils.latent_cache as latent_cache
+
+    items, variants, cache, _ = filled
+    sample = plan_sample(items, variants[0].index, 0, 0, OPTIONS)
+    path = items[sample.index].path
+    entry = cache.entry_path(path, sample.variant)
+    cache.record_failure(path, sample.variant, f"its latent cache entry {entry} is damaged (bad header)")
+
+    def deleted_meanwhile(name):
+        raise FileNotFoundError(2, "No such file or directory", name)
+
+    monkeypatch.setattr(latent_cache, "load_file", deleted_meanwhile)
+    try:
+        got = PlannedImages(items, cache)[sample]
+    finally:
+        os.remove(entry + latent_cache.FAILED_SUFFIX)  # the fixture's cache is shared: leave it whole
+    assert got["failed"] == path
+    assert got["reason"] == f"cannot be read: its latent cache entry {entry} is damaged (bad header)"
 
 
 def test_an_entry_reaches_the_disk_before_it_gets_its_name(filled, tmp_path, monkeypatch):

@@ -270,7 +270,7 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
                     good.append((path, variant, pixels))
                 else:
                     failed.setdefault(path, f"cannot be read: {pixels}")
-                    cache.record_failure(path, variant, f"cannot be read: {pixels} (when the latent cache was filled)")
+                    cache.record_failure(path, variant, f"{pixels} (when the latent cache was filled)")
             if good:
                 params = encode_posterior(vae, torch.stack([pixels for _, _, pixels in good]), device, autocast)
                 for (path, variant, _), row in zip(good, params):
