@@ -72,22 +72,15 @@ def multi_process_settings(config: TrainConfig) -> list:
     """How DistributedDataParallel and the process group are set up when several processes train."""
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from utils.processes import process_group_settings
+
     # find_unused_parameters: with clip_skip the text encoder's last layers get no gradient, and gradient
     # averaging must be told not to wait for them (clip_skip may change live with load_settings_every_epoch).
     # broadcast_buffers off: no buffer of the UNet or text encoder changes in training, and the broadcast at
     # each forward would pair wrongly when one process runs an extra forward (train_batch's stand-in).
     unused = not config.disable_textenc_training and (config.clip_skip > 1 or config.load_settings_every_epoch)
     return [DistributedDataParallelKwargs(find_unused_parameters=unused, broadcast_buffers=False),
-            process_group_timeout()]
-
-
-def process_group_timeout():
-    """The other processes wait while the main one samples, validates or saves: allow them an hour."""
-    import datetime
-
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
+            process_group_settings()]
 
 
 def start_run(plan: RunPlan, accelerator) -> str | None:
@@ -738,13 +731,12 @@ def plan_together(argv: list[str]):
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
     except (ConfigError, NothingToResume) as error:
         if together:
-            agree_to_start(join_launch(process_group_timeout()), error)
+            agree_to_start(join_launch(), error)
         raise
+    if together:  # also for a dry run set in the config file, which a process that could not read it cannot know
+        agree_to_start(accelerator if accelerator is not None else join_launch(), READY)
     if accelerator is None:  # a dry run: the main process reports, the others end
-        if together:  # dry_run in the config file, which a process that could not read it cannot know
-            agree_to_start(join_launch(process_group_timeout()), READY)
         return plan, None
-    agree_to_start(accelerator, READY)
     plan = share_random_seed(plan, accelerator, argv)
     check_same_plan(plan, accelerator)
     return plan, accelerator

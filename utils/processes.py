@@ -70,14 +70,24 @@ def check_same_plan(plan, accelerator) -> None:
 READY = "ready"  # agree_to_start: this process planned the run (or loaded the model) and can go on
 
 
-def join_launch(group_settings):
-    """The launch's process group (set up with `group_settings`, accelerate's InitProcessGroupKwargs) for a
-    process that has no accelerator, its planning having stopped it: accelerate's PartialState, which
-    agree_to_start takes as it takes an Accelerator."""
+def process_group_settings():
+    """How the launch's process group is set up (accelerate's InitProcessGroupKwargs): the other processes wait
+    while the main one samples, validates or saves, so allow them an hour."""
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
+
+
+def join_launch():
+    """The launch's process group, set up as the Accelerator's is, for a process that has no accelerator (its
+    planning stopped it, or a dry run): accelerate's PartialState, which agree_to_start takes as it takes an
+    Accelerator."""
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available(), **group_settings.to_kwargs())
+    return PartialState(cpu=not torch.cuda.is_available(), **process_group_settings().to_kwargs())
 
 
 def agree_to_start(accelerator, outcome) -> None:
