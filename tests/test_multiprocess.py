@@ -68,14 +68,20 @@ def launch_two(*args: str, env: dict | None = None, timeout: float = 600) -> sub
         try:
             stdout, stderr = launch.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            # The launcher starts each training process in a session of its own: end the tree, not a group.
-            tree = psutil.Process(launch.pid)
-            for process in [*tree.children(recursive=True), tree]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
+            end_tree(launch.pid)
             stdout, stderr = launch.communicate()
             pytest.fail(f"the launch ran past {timeout} s:\n{stdout}{stderr}")
     return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
+
+
+def end_tree(pid: int) -> None:
+    """Kill a launcher and whatever is left of its training processes and their loader workers. The launcher
+    starts each training process in a session of its own: the tree, not a process group."""
+    with contextlib.suppress(psutil.NoSuchProcess):  # it may have ended already
+        tree = psutil.Process(pid)
+        for process in [*tree.children(recursive=True), tree]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def launch_as_two_machines(*args: str, timeout: float = 300) -> list[subprocess.CompletedProcess]:
@@ -95,12 +101,8 @@ def launch_as_two_machines(*args: str, timeout: float = 300) -> list[subprocess.
     try:
         outputs = [launch.communicate(timeout=max(1.0, deadline - time.monotonic())) for launch in launches]
     except subprocess.TimeoutExpired:
-        for launch in launches:  # one may have ended already: end whatever is left of each tree
-            with contextlib.suppress(psutil.NoSuchProcess):
-                tree = psutil.Process(launch.pid)
-                for process in [*tree.children(recursive=True), tree]:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        process.kill()
+        for launch in launches:
+            end_tree(launch.pid)
         outputs = [launch.communicate() for launch in launches]
         pytest.fail(f"the launches ran past {timeout} s:\n" + "\n".join(out + err for out, err in outputs))
     return [subprocess.CompletedProcess(launch.args, launch.returncode, out, err)
