@@ -130,6 +130,51 @@ def test_a_model_folder_with_a_weight_file_missing_or_cut_short_is_a_clear_error
         assert "Copy or download the model folder again" in message
 
 
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+
+
+@pytest.mark.parametrize("part", sorted(WEIGHT_FILES))
+@pytest.mark.parametrize("damage", ["keys renamed", "half the keys", "a tensor reshaped"])
+def test_a_weight_file_that_does_not_fit_its_part_is_refused_not_trained_from_noise(tiny_folder, tmp_path, part,
+                                                                                    damage):
+    """diffusers would leave such UNet parameters on the meta device and transformers would start such text
+    encoder parameters from random numbers, each with only a warning that a run silences."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    weights = folder / part / WEIGHT_FILES[part]
+    tensors = load_file(weights)
+    if damage == "keys renamed":
+        tensors = {f"model.{key}": tensor for key, tensor in tensors.items()}
+    elif damage == "half the keys":
+        tensors = dict(list(tensors.items())[::2])
+    else:
+        key = next(key for key, tensor in tensors.items() if tensor.ndim == 2)
+        tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, weights)
+    with pytest.raises(ModelLoadError) as excinfo:
+        load_model(str(folder))
+    message = str(excinfo.value)
+    assert message.startswith(f"resume_ckpt: {folder}/{part} holds weights for a different model."), message
+    expected = "of the wrong shape: 1 (first: " if damage == "a tensor reshaped" else "missing from its weight file: "
+    assert expected in message and "convert or download the model again" in message
+
+
+def test_a_folder_saved_in_half_precision_loads_as_fp32_master_weights(tmp_path):
+    folder = tmp_path / "fp16"
+    parts = build_tiny_components()
+    expected = parts["unet"].conv_in.weight.half().float()
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).to(torch.float16).save_pretrained(folder)
+    model = load_diffusers_folder(str(folder))
+    for name in ("unet", "vae", "text_encoder"):
+        assert {p.dtype for p in getattr(model, name).parameters()} == {torch.float32}, name
+    assert torch.equal(model.unet.conv_in.weight, expected)
+
+
 def test_a_hub_id_offline_is_a_clear_error_not_a_stack_trace(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -8,6 +8,7 @@ All end as the same :class:`SDModel`, so nothing downstream knows where the weig
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from utils.config import BUILTIN_TINY, CKPT_CACHE_DIR, FINDLAST, resume_ckpt_pro
 from utils.model_family import SD1, ModelFamily, UnsupportedModel, detect_family
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # as StableDiffusionPipeline names them
+WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
 
 
 class ModelLoadError(Exception):
@@ -97,16 +99,53 @@ def load_diffusers_folder(folder: str, source: str | None = None) -> SDModel:
                                _read_json(folder, "text_encoder/config.json"))
     except UnsupportedModel as error:
         raise ModelLoadError(f"resume_ckpt: {folder}: {error}") from None
+    weights = {name: _load_weights(folder, name, model_index.get(name)) for name in WEIGHTED_PARTS}
     try:
         pipeline = family.pipeline_class().from_pretrained(
-            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            dtype=torch.float32)  # train in fp32 master weights whatever the file holds
-    except (OSError, ValueError) as error:  # a weight file missing or damaged, a config that does not fit
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"resume_ckpt: {folder} could not be loaded: {first_line} Copy or download the model "
-                             "folder again: a file in it is missing or incomplete.") from None
+            folder, **weights, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError) as error:  # the tokenizer or scheduler missing or damaged
+        raise ModelLoadError(f"resume_ckpt: {folder} could not be loaded: {_first_line(error)} Copy or download "
+                             "the model folder again: a file in it is missing or incomplete.") from None
     parts = {name: getattr(pipeline, name) for name in COMPONENTS}
     return SDModel(**parts, family=family, source=source or folder)
+
+
+def _load_weights(folder: str, name: str, library_and_class: Any) -> torch.nn.Module:
+    """One weight-bearing part, in fp32 master weights whatever the file holds, refused unless its weight file
+    filled every parameter with a tensor of the right shape.
+
+    Left alone, diffusers leaves a UNet parameter that the file lacks on the meta device and transformers
+    starts a text-encoder parameter from random numbers, each with only a warning (which a run silences):
+    a file converted for another architecture, or with renamed keys, would be trained from noise.
+    """
+    if not (isinstance(library_and_class, list) and len(library_and_class) == 2
+            and library_and_class[0] in ("diffusers", "transformers")):
+        raise ModelLoadError(f"resume_ckpt: {folder}/model_index.json names no diffusers or transformers class for "
+                             f"{name!r} (it says {library_and_class!r}). Copy or download the model folder again.")
+    library, class_name = library_and_class
+    model_class = getattr(importlib.import_module(library), class_name, None)
+    if model_class is None:
+        raise ModelLoadError(f"resume_ckpt: {folder}/model_index.json names {library}.{class_name} for {name!r}, "
+                             f"which this {library} does not have.")
+    try:
+        module, report = model_class.from_pretrained(folder, subfolder=name, dtype=torch.float32,
+                                                     output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as error:  # the weight file missing or cut short, a config that does not fit
+        raise ModelLoadError(f"resume_ckpt: {folder} could not be loaded: {name}: {_first_line(error)} Copy or "
+                             "download the model folder again: a file in it is missing or incomplete.") from None
+    missing = sorted(report["missing_keys"])
+    wrong_shape = sorted(key for key, *_shapes in report["mismatched_keys"])
+    if missing or wrong_shape:
+        found = [f"missing from its weight file: {len(missing)} (first: {missing[0]})"] if missing else []
+        found += [f"of the wrong shape: {len(wrong_shape)} (first: {wrong_shape[0]})"] if wrong_shape else []
+        raise ModelLoadError(f"resume_ckpt: {folder}/{name} holds weights for a different model. Its parameters "
+                             f"{'; '.join(found)}. The folder's files do not belong together: convert or download "
+                             "the model again.")
+    return module
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _read_json(folder: str, name: str) -> dict:
