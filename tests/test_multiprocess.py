@@ -382,6 +382,44 @@ def test_each_machine_shares_the_latent_cache_among_its_own_processes(monkeypatc
 
 
 
+def run_main_process_first(failing_rank: int | None = None) -> list[tuple[str, int]]:
+    """utils.processes.main_process_first on four threads standing for processes 0-3 of two machines (0 and
+    1 on the first, 2 and 3 on the second), whose wait_for_everyone is a real barrier. What each block did,
+    in order; `failing_rank`'s block raises."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from utils.processes import main_process_first
+
+    barrier, lock, events = threading.Barrier(4), threading.Lock(), []
+
+    def process(rank: int) -> None:
+        accelerator = types.SimpleNamespace(is_main_process=rank == 0, is_local_main_process=rank in (0, 2),
+                                            wait_for_everyone=lambda: barrier.wait(timeout=20))
+        with contextlib.suppress(ValueError), main_process_first(accelerator):
+            with lock:
+                events.append(("start", rank))
+            time.sleep(0.05)
+            with lock:
+                events.append(("end", rank))
+            if rank == failing_rank:
+                raise ValueError("this process's copy of the model is damaged")
+
+    with ThreadPoolExecutor(4) as pool:
+        for finished in [pool.submit(process, rank) for rank in range(4)]:
+            finished.result()  # a broken or timed-out barrier raises here
+    return events
+
+
+@pytest.mark.parametrize("failing_rank", [None, 0, 2])
+def test_a_single_file_is_converted_by_the_main_process_then_by_one_process_per_machine(failing_rank):
+    """With a ckpt_cache_dir on each machine, the other machines' processes used to convert the file all at
+    once, each holding a whole model in memory. A block that raises still passes its barriers."""
+    events = run_main_process_first(failing_rank)
+    assert events[:4] == [("start", 0), ("end", 0), ("start", 2), ("end", 2)]
+    assert sorted(events[4:]) == [("end", 1), ("end", 3), ("start", 1), ("start", 3)]
+
+
 def test_every_process_takes_part_in_sharing_the_seed_whatever_its_own_seed_setting(monkeypatch):
     """With `seed: -1` the processes train the main process's draw. Machines may each read their own copy of
     the config: one whose copy says `seed: 42` while the main process's says -1 used to skip the broadcast the

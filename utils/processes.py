@@ -121,16 +121,25 @@ def agree_to_start(accelerator, outcome) -> None:
 
 @contextlib.contextmanager
 def main_process_first(accelerator):
-    """The main process runs the block first, then the others (accelerate's main_process_first), and its
-    barrier is passed even when the main process's block raises: every process then meets the others in
-    agree_to_start rather than one waiting in a barrier and another in a gather."""
+    """The main process runs the block first; then the first process of each other machine; then the rest.
+
+    For work whose result later processes reuse from disk (a single file converted into ckpt_cache_dir, a
+    download): in a folder every machine shares, only the main process does it; in a folder on each
+    machine, one process per machine does, not all of that machine's processes at once, each holding a
+    whole model in memory. Every process passes the same two barriers even when its block raises, so all
+    then meet in agree_to_start rather than one waiting in a barrier and another in a gather."""
+    first_on_its_machine = accelerator.is_local_main_process
     if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()  # 1: the main process is done
+    if not first_on_its_machine:
+        accelerator.wait_for_everyone()  # 2: the first process of every machine is done
     try:
         yield
     finally:
         if accelerator.is_main_process:
-            accelerator.wait_for_everyone()
+            accelerator.wait_for_everyone()  # 1
+        if first_on_its_machine:
+            accelerator.wait_for_everyone()  # 2
 
 
 def any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
