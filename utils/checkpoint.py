@@ -104,6 +104,16 @@ def save_order(record: dict) -> tuple[float, int]:
     return saved_at, step
 
 
+def ordered_record(folder: str) -> tuple[tuple[float, int], dict] | None:
+    """(save_order, checkpoint.json) of a checkpoint; None when its record is missing or damaged: not a
+    checkpoint to trust."""
+    try:
+        record = read_record(folder)
+        return save_order(record), record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def verify_checkpoint(folder: str, needed: tuple[str, ...] = ()) -> None:
     """Check the weight files against the checksums in the record; `needed` files must also be present.
 
@@ -266,10 +276,10 @@ def find_last_checkpoint(logdir: str, containing: str | None = None) -> str:
         subfolders[:] = [d for d in subfolders if not d.startswith(TEMPORARY_PREFIX)]
         if not is_finished_checkpoint(folder) or (containing and not os.path.isdir(os.path.join(folder, containing))):
             continue
-        try:
-            key = (*save_order(read_record(folder)), folder)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a damaged record: not a checkpoint to trust
+        found = ordered_record(folder)
+        if found is None:
+            continue
+        key = (*found[0], folder)
         if newest is None or key > newest:
             newest = key
     if newest is None:

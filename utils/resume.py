@@ -22,7 +22,8 @@ import os
 from dataclasses import dataclass
 
 from utils.checkpoint import (CHECKPOINT_RECORD, ERRORED_PREFIX, OPTIMIZER_STATE_FILE, RESUME_STATE_FILE,
-                              TEMPORARY_PREFIX, DamagedCheckpoint, read_record, save_order, verify_checkpoint)
+                              TEMPORARY_PREFIX, DamagedCheckpoint, ordered_record, save_order,
+                              verify_checkpoint)
 from utils.config import (ConfigError, ConfigProblem, LoadedConfig, field_default, load_config, parse_cli,
                           to_json_dict)
 from utils.run_folder import CONFIG_FILE, INFO_FILE
@@ -205,12 +206,10 @@ def _resumable(folder: str) -> ResumeTarget | None:
     """A checkpoint that can be continued: complete, with its record and its training state."""
     if not all(os.path.isfile(os.path.join(folder, name)) for name in (*RESUME_FILES, "model_index.json")):
         return None
-    try:
-        record = read_record(folder)
-        save_order(record)
-    except (OSError, ValueError, KeyError, TypeError):
+    found = ordered_record(folder)
+    if found is None:
         return None
-    return ResumeTarget(os.path.dirname(os.path.dirname(os.path.abspath(folder))), os.path.abspath(folder), record)
+    return ResumeTarget(os.path.dirname(os.path.dirname(os.path.abspath(folder))), os.path.abspath(folder), found[1])
 
 
 def _newest_resumable(run_dir: str) -> ResumeTarget | None:

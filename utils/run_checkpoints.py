@@ -26,8 +26,7 @@ import torch
 
 from optimizer.optimizers import save_optimizer_state
 from utils.checkpoint import (ERRORED_PREFIX, INTERRUPTED_PREFIX, OPTIMIZER_STATE_FILE, TEMPORARY_PREFIX,
-                              checkpoint_name, ensure_free_space, forget_file, read_record, save_order,
-                              save_pipeline)
+                              checkpoint_name, ensure_free_space, forget_file, ordered_record, save_pipeline)
 from utils.config import to_json_dict
 from utils.ema import EMA_FOLDER, save_ema_into
 from utils.single_file import save_single_file
@@ -174,10 +173,10 @@ def drop_older_optimizer_states(ckpts_dir: str, keep: int, just_written: str | N
         if name.startswith((TEMPORARY_PREFIX, ERRORED_PREFIX)) or not os.path.isfile(
                 os.path.join(folder, OPTIMIZER_STATE_FILE)):
             continue
-        try:
-            newest = just_written is not None and os.path.abspath(folder) == os.path.abspath(just_written)
-            holding.append(((newest, *save_order(read_record(folder))), folder))
-        except (OSError, ValueError, KeyError, TypeError):
+        found = ordered_record(folder)
+        if found is None:
             continue  # not a checkpoint this code wrote: leave it alone
+        newest = just_written is not None and os.path.abspath(folder) == os.path.abspath(just_written)
+        holding.append(((newest, *found[0]), folder))
     for _, folder in sorted(holding, reverse=True)[keep:]:
         forget_file(folder, OPTIMIZER_STATE_FILE)
