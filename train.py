@@ -249,9 +249,12 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     """cache_latents: encode every image variant the run can train (data/plan.py image_variants) that is not
     cached yet, shared out among the processes of each machine (each machine may have its own copy of the
     folder); the cache, ready for the loader."""
+    import torch
+
     from data.plan import image_variants
-    from utils.latent_cache import LatentCache, fill_latent_cache as fill
-    from utils.processes import any_process, main_process_value, share_on_this_machine, sum_over_processes
+    from utils.latent_cache import LatentCache, LatentCacheError, fill_latent_cache as fill
+    from utils.processes import READY, agree_to_start, any_process, main_process_value, share_on_this_machine, \
+        sum_over_processes
 
     config = plan.config
     folder = config.latent_cache_dir or os.path.join(config.logdir, "latent_cache")
@@ -262,9 +265,22 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     variants = image_variants(plan.items, plan.data_options)
     # One machine may have its copy of the cache full and another none of it: the processes keep in step batch
     # by batch, so none waits longer than a batch in one collective (the process group's timeout is an hour).
-    result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
-                  autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process,
-                  keep_pace=lambda encoding: any_process(accelerator, encoding)[0])
+    try:
+        result = fill(cache, plan.items, variants, trainee.model.vae, accelerator.device, config.batch_size,
+                      autocast=accelerator.autocast, share=share, progress=accelerator.is_main_process,
+                      keep_pace=lambda encoding: any_process(accelerator, encoding)[0])
+    except torch.OutOfMemoryError:
+        stopped = LatentCacheError(f"cache_latents: out of memory while the VAE encoded batches of {config.batch_size} "
+                                   "images (the entries written so far are kept): lower batch_size, or free the "
+                                   "GPU's memory.")
+    except OSError as error:
+        stopped = LatentCacheError(f"cache_latents: cannot write to {folder} ({error}); the entries written so far "
+                                   "are kept. Free space there, or set latent_cache_dir to a folder with room.")
+    else:
+        stopped = READY
+    agree_to_start(accelerator, stopped)  # every process stops if one could not fill its share
+    if stopped is not READY:
+        raise stopped
     encoded, reused, failed = sum_over_processes(accelerator, result.encoded, result.reused, len(result.failed))
     log.info("latent cache %s: %d image variants encoded, %d reused%s", folder, encoded, reused,
              f", {failed} images unreadable (skipped in training)" if failed else "")
@@ -784,6 +800,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     from optimizer.optimizers import apply_group_settings
     from utils.checkpoint import DamagedCheckpoint, NotEnoughDiskSpace
     from utils.interrupts import StopRequests
+    from utils.latent_cache import LatentCacheError
     from utils.live_settings import LiveSettings
     from utils.loop_state import LoopState
     from utils.models import ModelLoadError
@@ -808,7 +825,8 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                 apply_group_settings(optimizer, schedule, plan.optimizer_settings)
         if accelerator.num_processes > 1:
             settle_gradient_buckets(trainee, accelerator, plan.config)
-    except (ModelLoadError, DamagedCheckpoint, ResumeStateError, RuntimeError, ProcessesPlannedDifferently) as error:
+    except (ModelLoadError, DamagedCheckpoint, LatentCacheError, ResumeStateError, RuntimeError,
+            ProcessesPlannedDifferently) as error:
         log.error("%s", error)
         return 2
     # Events a killed run logged after the checkpoint being resumed are dropped: the resumed run logs them anew.

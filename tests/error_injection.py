@@ -1,12 +1,15 @@
-"""train.py with an exception raised on process 1 at step $ERROR_AT_STEP: what a multi-process run does when one
-process fails (tests/test_multiprocess.py launches it with accelerate)."""
+"""train.py with an exception raised on process 1 at step $ERROR_AT_STEP, or with process $DISK_FULL_ON_PROCESS
+unable to write latent-cache entries (the disk full): what a multi-process run does when one process fails
+(tests/test_multiprocess.py launches it with accelerate)."""
 
+import errno
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
+from utils.latent_cache import LatentCache  # noqa: E402
 
 original_train_step = train.train_step
 
@@ -17,7 +20,13 @@ def train_step(trainee, batch, config, global_step, accelerator):
     return original_train_step(trainee, batch, config, global_step, accelerator)
 
 
+def save_on_a_full_disk(self, path, variant, params):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 train.train_step = train_step
+if os.environ.get("RANK") == os.environ.get("DISK_FULL_ON_PROCESS"):
+    LatentCache.save = save_on_a_full_disk
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))

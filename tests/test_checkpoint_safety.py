@@ -169,12 +169,13 @@ def run_demo_with_nan_losses(tmp_path: Path, monkeypatch, nan_steps: set[int]) -
     return run_one_demo_epoch(tmp_path, monkeypatch)
 
 
-def run_one_demo_epoch(tmp_path: Path, monkeypatch, num_workers: int = 0) -> tuple[int, Path]:
-    """train.main on one epoch of the demo in this process, without samples or single files: (exit code,
-    run folder)."""
+def run_one_demo_epoch(tmp_path: Path, monkeypatch, num_workers: int = 0, extra: tuple[str, ...] = ()
+                       ) -> tuple[int, Path]:
+    """train.main on one epoch of the demo in this process, without samples or single files, with `extra`
+    arguments: (exit code, run folder)."""
     monkeypatch.chdir(REPO)
     code = train.main(["--config", "train.json", "--max_epochs", "1", "--num_workers", str(num_workers), "--logdir",
-                       str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null"])
+                       str(tmp_path / "logs"), "--no_save_ckpt", "true", "--sample_prompts", "null", *extra])
     (run_dir,) = (tmp_path / "logs").iterdir()
     return code, run_dir
 

@@ -208,6 +208,29 @@ def test_the_fill_keeps_pace_with_the_other_processes_batch_by_batch(filled, vae
     assert calls == [False] * 3
 
 
+def test_a_process_that_cannot_write_its_entries_keeps_pace_until_the_others_are_done_then_raises(
+        filled, vae, tmp_path, monkeypatch):
+    """The disk full: the error is raised only once no process is encoding any more, so none waits for this
+    one in keep_pace (train.py then stops every process together)."""
+    import errno
+
+    items, variants, _, _ = filled
+    calls, others_encoding = [], [True, True, False]
+
+    def keep_pace(encoding: bool) -> bool:
+        calls.append(encoding)
+        return True if encoding else others_encoding[len([c for c in calls if not c]) - 1]
+
+    def disk_full(self, path, variant, params):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LatentCache, "save", disk_full)
+    empty = LatentCache.open(str(tmp_path / "empty"), vae, items)
+    with pytest.raises(OSError, match="No space left on device"):
+        fill_latent_cache(empty, items, variants, vae, "cpu", batch_size=1, progress=False, keep_pace=keep_pace)
+    assert calls[-3:] == [False] * 3 and set(calls[:-3]) <= {True}
+
+
 def test_another_precision_gets_other_keys(filled, vae):
     items, variants, cache, _ = filled
     v = variants[0]
@@ -499,3 +522,31 @@ def test_the_write_benchmark_writes_entries_the_cache_reads(tmp_path):
 
     assert milliseconds_per_entry(LatentCache.save, 3, 2, str(tmp_path)) > 0
     assert not os.listdir(tmp_path)  # its temporary folder is removed
+
+
+@pytest.mark.parametrize("failure", ["the disk full", "out of memory"])
+def test_a_fill_that_cannot_finish_stops_the_run_with_what_to_do(tmp_path, monkeypatch, failure):
+    """train.py, one process: no traceback, exit code 2, the folder or the batch size named; nothing trained."""
+    import errno
+
+    import utils.latent_cache
+    from tests.test_checkpoint_safety import run_one_demo_epoch
+
+    def disk_full(self, path, variant, params):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if failure == "the disk full":
+        monkeypatch.setattr(LatentCache, "save", disk_full)
+        expected = [f"cache_latents: cannot write to {tmp_path / 'logs' / 'latent_cache'} ([Errno 28] No space left "
+                    "on device)", "Free space there"]
+    else:
+        monkeypatch.setattr(utils.latent_cache, "encode_posterior", out_of_memory)
+        expected = ["cache_latents: out of memory while the VAE encoded batches of 2 images", "lower batch_size"]
+    code, run_dir = run_one_demo_epoch(tmp_path, monkeypatch, extra=("--cache_latents", "true"))
+    log = (run_dir / "train.log").read_text()
+    assert code == 2, log
+    assert all(part in log for part in expected) and "Traceback" not in log, log
+    assert not (run_dir / "ckpts").exists() or not list((run_dir / "ckpts").iterdir())

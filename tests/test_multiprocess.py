@@ -330,6 +330,22 @@ def test_a_machine_whose_copy_of_the_model_is_incomplete_stops_the_others_too(tm
         assert "resume_ckpt: model could not be loaded" in output, output
 
 
+def test_a_machine_that_cannot_write_its_latent_cache_stops_the_others_too(tmp_path, monkeypatch):
+    """cache_latents with machine 1's disk full: it stops encoding, keeps pace with machine 0 until that one
+    has filled its share, and both stop with machine 1's error before training, instead of machine 0 waiting
+    in the next collective for the process group's timeout."""
+    monkeypatch.setenv("DISK_FULL_ON_PROCESS", "1")
+    launches = launch_as_two_machines("tests/error_injection.py", "--config", "train.json", "--max_epochs", "1",
+                                      "--cache_latents", "true", "--no_save_ckpt", "true", "--sample_prompts", "null",
+                                      "--num_workers", "0", "--logdir", str(tmp_path / "logs"), timeout=180)
+    for launch in launches:
+        output = launch.stdout + launch.stderr
+        assert launch.returncode != 0 and "exitcode  : 2" in output, output  # train.py's 2; the launcher says 1
+        assert "process(es) 1 could not start the run" in output and "No space left on device" in output, output
+    (run_dir,) = (tmp_path / "logs").glob("demo-*")
+    assert not (run_dir / "ckpts").exists() or not list((run_dir / "ckpts").iterdir())  # nothing trained
+
+
 def test_the_gradient_buckets_are_regrouped_before_the_first_step():
     """DDP regroups its gradient buckets at the first forward after its first backward.
     settle_gradient_buckets does both, so every process regroups there and not at its first training

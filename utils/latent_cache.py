@@ -55,6 +55,10 @@ class MissingLatents(LookupError):
     """No entry for a sample: fill_latent_cache did not run for these images, crops or this VAE."""
 
 
+class LatentCacheError(Exception):
+    """The latent cache could not be filled (train.py); the message says why and what to do."""
+
+
 class UnreadableImage(OSError):
     """The image could not be read when the cache was filled; an OSError, so the dataset reports and skips it."""
 
@@ -241,6 +245,8 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
     all-reduce). It is called with True after each batch, then, once this process's entries are all written,
     with False until it returns False. So a process with little or nothing to encode (its machine's copy of
     the cache full) waits for the others one batch at a time, never for a whole fill in one collective.
+    Raises the OSError of an entry that could not be written (the disk full) or the VAE's out of memory, after
+    keeping pace with the others until none is encoding.
     """
     process_index, processes = share
     result, failed = FillResult(), {}
@@ -256,9 +262,28 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
             missing.setdefault(tuple(variant.bucket), []).append(variant)
     batches = [group[start:start + batch_size] for _, group in sorted(missing.items())
                for start in range(0, len(group), batch_size)]
+    stopped_by = None
+    try:
+        result.encoded = _encode_and_write(cache, items, batches, vae, device, autocast, progress, keep_pace, failed)
+    except (OSError, torch.OutOfMemoryError) as error:  # the cache's disk full, the GPU's memory: this process
+        stopped_by = error  # stops encoding, and the others must not wait for it in keep_pace for ever
+    while keep_pace and keep_pace(False):
+        pass  # another process is still encoding
+    if stopped_by is not None:
+        raise stopped_by  # now that no process waits for this one in keep_pace
+    result.failed = sorted(failed.items())
+    return result
+
+
+def _encode_and_write(cache: LatentCache, items: list[ImageItem], batches: list[list[Variant]], vae, device,
+                      autocast: Callable, progress: bool, keep_pace: Callable[[bool], bool] | None,
+                      failed: dict[str, str]) -> int:
+    """Encode each batch and write its entries, the next batches loading and the entries being written
+    meanwhile; keep_pace(True) after each batch. Images that cannot be read go into `failed`. Returns how
+    many variants were encoded; raises a write's OSError."""
     from tqdm import tqdm
 
-    writes = deque()  # entries being written (each flushed to the disk: the writer threads wait on it)
+    encoded, writes = 0, deque()  # entries being written (each flushed to the disk: the writer threads wait on it)
     with ThreadPoolExecutor(IO_THREADS) as pool, ThreadPoolExecutor(WRITE_THREADS) as writer, \
             tqdm(total=sum(map(len, batches)), desc="caching latents", unit="image", dynamic_ncols=True,
                  disable=None if progress else True) as bar:
@@ -277,16 +302,13 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
                     writes.append(writer.submit(cache.save, path, variant, row))
                 while len(writes) > MAX_PENDING_WRITES:
                     writes.popleft().result()
-                result.encoded += len(good)
+                encoded += len(good)
             bar.update(len(batch))
             if keep_pace:
                 keep_pace(True)
         for write in writes:
             write.result()  # each entry is on the disk before the cache is used; raises a write's error
-    while keep_pace and keep_pace(False):
-        pass  # another process is still encoding
-    result.failed = sorted(failed.items())
-    return result
+    return encoded
 
 
 def encode_posterior(vae, pixels: torch.Tensor, device, autocast=contextlib.nullcontext) -> torch.Tensor:
