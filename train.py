@@ -302,15 +302,20 @@ def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules. A warm
     start takes a saved optimizer state's moments; a resumed run gets its whole state later (train())."""
     from optimizer.optimizers import build_group_schedules, build_optimizer, restore_optimizer_state
+    from utils.processes import check_same_on_every_process
 
     parts = trainee.trained_parts()
     optimizer = build_optimizer(plan.optimizer_settings, {name: [p for p in m.parameters() if p.requires_grad]
                                                           for name, m in parts.items()})
     # A checkpoint folder saved with save_optimizer carries the optimizer's moments.
+    restored = None
     if not plan.resume and os.path.isdir(plan.config.resume_ckpt):
         restored = restore_optimizer_state(optimizer, plan.config.resume_ckpt)
-        if restored:
-            plan.derived.append(f"optimizer state {restored}")
+    # DDP makes the weights the main process's, not the moments: every process must start from the same ones.
+    check_same_on_every_process(accelerator, restored, f"optimizer state in their copy of {plan.config.resume_ckpt}",
+                                "Let every machine see the same copy of the checkpoint folder")
+    if restored:
+        plan.derived.append(f"optimizer state {restored}")
     settings = {"unet": plan.optimizer_settings.unet, "text encoder": plan.optimizer_settings.text_encoder}
     schedule = build_group_schedules(optimizer, {part: (settings[part].lr_scheduler, steps)
                                                  for part, steps in plan.schedule.items()})

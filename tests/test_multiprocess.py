@@ -498,3 +498,37 @@ def test_processes_that_planned_different_runs_stop_before_training(tmp_path, mo
     shutil.copyfile(images / "sunset.jpg", images / "a new sunset.jpg")  # added before process 1 scanned
     message = differences(train.plan_run(settings))
     assert f"process(es) 1 found other training data in {images}" in message and "settings" not in message
+
+
+def test_processes_that_found_other_optimizer_states_in_the_model_to_start_from_stop_before_training(
+        tmp_path, tiny_folder, monkeypatch):
+    """A warm start from a checkpoint folder saved with its optimizer state: DDP gives every process the main
+    process's weights, but each restores the moments its own machine's copy holds. A copy without them would
+    have the processes step differently from the first step on; every process stops instead."""
+    import accelerate.utils
+    import torch
+
+    import train
+    from optimizer.optimizers import save_optimizer_state
+    from utils.processes import ProcessesPlannedDifferently
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    plan = train.plan_run(["--config", str(REPO / "train.json"), "--data_root", str(REPO / "examples" / "images"),
+                           "--resume_ckpt", str(model)])
+    accelerator = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"), is_main_process=True,
+                                        is_local_main_process=True, wait_for_everyone=lambda: None,
+                                        prepare=lambda prepared: prepared)
+    trainee = train.load_trainee(plan, accelerator)
+    optimizer, _ = train.prepare_optimizer(plan, trainee, accelerator)
+    save_optimizer_state(optimizer, str(model))  # as a run with save_optimizer leaves it
+
+    accelerator.num_processes = 2
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: mine + [None])  # process 1's copy: none
+    with pytest.raises(ProcessesPlannedDifferently) as raised:
+        train.prepare_optimizer(plan, train.load_trainee(plan, accelerator), accelerator)
+    assert f"process(es) 1 found other optimizer state in their copy of {model}" in str(raised.value)
+    assert "Let every machine see the same copy of the checkpoint folder" in str(raised.value)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: mine + mine)  # the same on both
+    train.prepare_optimizer(plan, train.load_trainee(plan, accelerator), accelerator)
+    assert any(line.startswith(f"optimizer state restored from {model}") for line in plan.derived)

@@ -67,6 +67,19 @@ def check_same_plan(plan, accelerator) -> None:
             + " ".join(problems) + " Then start the run again.")
 
 
+def check_same_on_every_process(accelerator, value, what: str, remedy: str) -> None:
+    """Raises ProcessesPlannedDifferently, on every process, naming the processes whose `value` (picklable)
+    differs from the main process's: "process(es) 1 found other {what}. {remedy}, then start the run again."
+    Every process must call it, at the same point."""
+    if accelerator.num_processes == 1:
+        return
+    every = gathered(accelerator, [value])
+    differing = [str(index) for index, found in enumerate(every) if found != every[0]]
+    if differing:
+        raise ProcessesPlannedDifferently(f"process(es) {', '.join(differing)} found other {what} than the main "
+                                          f"process. {remedy}, then start the run again.")
+
+
 READY = "ready"  # agree_to_start: this process planned the run (or loaded the model) and can go on
 
 
