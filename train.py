@@ -276,6 +276,9 @@ def fill_latent_cache(plan: RunPlan, trainee: Trainee, accelerator):
     except OSError as error:
         stopped = LatentCacheError(f"cache_latents: cannot write to {folder} ({error}); the entries written so far "
                                    "are kept. Free space there, or set latent_cache_dir to a folder with room.")
+    except Exception as error:  # unforeseen: its traceback here, its message to every process
+        log.exception("cache_latents: filling %s failed", folder)
+        stopped = LatentCacheError(f"cache_latents: filling {folder} failed: {type(error).__name__}: {error}")
     else:
         stopped = READY
     agree_to_start(accelerator, stopped)  # every process stops if one could not fill its share

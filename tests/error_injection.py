@@ -25,7 +25,7 @@ def save_on_a_full_disk(self, path, variant, params):
 
 
 train.train_step = train_step
-if os.environ.get("RANK") == os.environ.get("DISK_FULL_ON_PROCESS"):
+if "DISK_FULL_ON_PROCESS" in os.environ and os.environ.get("RANK") == os.environ["DISK_FULL_ON_PROCESS"]:
     LatentCache.save = save_on_a_full_disk
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from utils.latent_cache import (LatentCache, MissingLatents, TextEmbeddingCache,
                                 posterior_from, weights_digest)
 from utils.model_family import SD1
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "images")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples", "images")
 
 
 def flat(batches):
@@ -229,6 +230,40 @@ def test_a_process_that_cannot_write_its_entries_keeps_pace_until_the_others_are
     with pytest.raises(OSError, match="No space left on device"):
         fill_latent_cache(empty, items, variants, vae, "cpu", batch_size=1, progress=False, keep_pace=keep_pace)
     assert calls[-3:] == [False] * 3 and set(calls[:-3]) <= {True}
+
+
+def test_a_write_the_file_system_refuses_reaches_the_fill_as_an_oserror_after_it_kept_pace(tmp_path):
+    """A real refusal, not a stand-in: under a file-size limit (RLIMIT_FSIZE) the OS refuses each entry as a
+    full disk would. safetensors' save_file turned that into a SafetensorError, which nothing caught."""
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {REPO!r})
+from data.plan import image_variants
+from tests.test_latent_cache import OPTIONS, copy_images
+from utils.latent_cache import LatentCache, fill_latent_cache
+from utils.tiny_model import build_tiny_components
+
+vae = build_tiny_components()["vae"]
+items = copy_images({str(tmp_path)!r})
+cache = LatentCache.open({str(tmp_path / "cache")!r}, vae, items)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of the process being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+calls = []
+try:
+    fill_latent_cache(cache, items, image_variants(items, OPTIONS), vae, "cpu", batch_size=2, progress=False,
+                      keep_pace=lambda encoding: calls.append(encoding))
+except OSError as error:
+    print("OSError", error.errno, calls)
+"""
+    import errno
+    import subprocess
+    import sys
+
+    pytest.importorskip("resource", reason="needs POSIX resource limits")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"OSError {errno.EFBIG} [True"), result.stdout + result.stderr
+    assert result.stdout.rstrip().endswith("False]")  # it kept pace until no process was encoding
 
 
 def test_another_precision_gets_other_keys(filled, vae):

@@ -30,16 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import safetensors.torch
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.dataset import load_pixels
 from data.fingerprint import dataset_fingerprint
 from data.image_io import UNREADABLE
 from data.items import ImageItem
 from data.plan import Variant
-from utils.checkpoint import fsync_file
 
 CACHE_FORMAT = 1  # part of every key: bump it when image loading or what an entry holds changes
 ENTRY_SUFFIX = ".safetensors"
@@ -155,8 +155,11 @@ class LatentCache:
         entry = self.entry_path(path, variant)
 
         def write(temporary: str) -> None:
-            save_file({PARAMS: params.detach().float().cpu().contiguous()}, temporary)
-            fsync_file(temporary)  # the bytes before the name: a power cut leaves no named empty file
+            # Written here rather than by safetensors' save_file, so a full disk is an OSError, not a SafetensorError.
+            with open(temporary, "wb") as handle:
+                handle.write(safetensors.torch.save({PARAMS: params.detach().float().cpu().contiguous()}))
+                handle.flush()
+                os.fsync(handle.fileno())  # the bytes before the name: a power cut leaves no named empty file
 
         _write_atomically(entry, write)
         with contextlib.suppress(FileNotFoundError):
@@ -245,8 +248,8 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
     all-reduce). It is called with True after each batch, then, once this process's entries are all written,
     with False until it returns False. So a process with little or nothing to encode (its machine's copy of
     the cache full) waits for the others one batch at a time, never for a whole fill in one collective.
-    Raises the OSError of an entry that could not be written (the disk full) or the VAE's out of memory, after
-    keeping pace with the others until none is encoding.
+    Raises what stopped this process's encoding (an OSError for an entry that could not be written, the disk
+    full; out of memory), after keeping pace with the others until none is encoding.
     """
     process_index, processes = share
     result, failed = FillResult(), {}
@@ -262,11 +265,18 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
             missing.setdefault(tuple(variant.bucket), []).append(variant)
     batches = [group[start:start + batch_size] for _, group in sorted(missing.items())
                for start in range(0, len(group), batch_size)]
-    stopped_by = None
-    try:
-        result.encoded = _encode_and_write(cache, items, batches, vae, device, autocast, progress, keep_pace, failed)
-    except (OSError, torch.OutOfMemoryError) as error:  # the cache's disk full, the GPU's memory: this process
-        stopped_by = error  # stops encoding, and the others must not wait for it in keep_pace for ever
+    encoding, stopped_by = _encode_and_write(cache, items, batches, vae, device, autocast, progress, failed), None
+    while True:
+        try:
+            next(encoding)  # one batch
+        except StopIteration as finished:
+            result.encoded = finished.value
+            break
+        except Exception as error:  # the disk full, out of memory: this process stops encoding, and the others
+            stopped_by = error  # must not wait for it in keep_pace for ever
+            break
+        if keep_pace:
+            keep_pace(True)
     while keep_pace and keep_pace(False):
         pass  # another process is still encoding
     if stopped_by is not None:
@@ -276,11 +286,10 @@ def fill_latent_cache(cache: LatentCache, items: list[ImageItem], variants: list
 
 
 def _encode_and_write(cache: LatentCache, items: list[ImageItem], batches: list[list[Variant]], vae, device,
-                      autocast: Callable, progress: bool, keep_pace: Callable[[bool], bool] | None,
-                      failed: dict[str, str]) -> int:
+                      autocast: Callable, progress: bool, failed: dict[str, str]):
     """Encode each batch and write its entries, the next batches loading and the entries being written
-    meanwhile; keep_pace(True) after each batch. Images that cannot be read go into `failed`. Returns how
-    many variants were encoded; raises a write's OSError."""
+    meanwhile, yielding after each batch. Images that cannot be read go into `failed`. Returns how many
+    variants were encoded; raises a write's OSError."""
     from tqdm import tqdm
 
     encoded, writes = 0, deque()  # entries being written (each flushed to the disk: the writer threads wait on it)
@@ -304,8 +313,7 @@ def _encode_and_write(cache: LatentCache, items: list[ImageItem], batches: list[
                     writes.popleft().result()
                 encoded += len(good)
             bar.update(len(batch))
-            if keep_pace:
-                keep_pace(True)
+            yield
         for write in writes:
             write.result()  # each entry is on the disk before the cache is used; raises a write's error
     return encoded
