@@ -304,21 +304,13 @@ def set_attention(unet, attn_type: str) -> None:
 def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     """The optimizer over the trained parts and its schedule; accelerate wraps the trained modules. A warm
     start takes a saved optimizer state's moments; a resumed run gets its whole state later (train())."""
-    from optimizer.optimizers import build_group_schedules, build_optimizer, restore_optimizer_state
-    from utils.processes import check_same_on_every_process
+    from optimizer.optimizers import build_group_schedules, build_optimizer
 
     parts = trainee.trained_parts()
     optimizer = build_optimizer(plan.optimizer_settings, {name: [p for p in m.parameters() if p.requires_grad]
                                                           for name, m in parts.items()})
-    # A checkpoint folder saved with save_optimizer carries the optimizer's moments.
-    restored = None
-    if not plan.resume and os.path.isdir(plan.config.resume_ckpt):
-        restored = restore_optimizer_state(optimizer, plan.config.resume_ckpt)
-    # DDP makes the weights the main process's, not the moments: every process must start from the same ones.
-    check_same_on_every_process(accelerator, restored, f"optimizer state in their copy of {plan.config.resume_ckpt}",
-                                "Let every machine see the same copy of the checkpoint folder")
-    if restored:
-        plan.derived.append(f"optimizer state {restored}")
+    if not plan.resume:
+        restore_saved_moments(plan, optimizer, accelerator)
     settings = {"unet": plan.optimizer_settings.unet, "text encoder": plan.optimizer_settings.text_encoder}
     schedule = build_group_schedules(optimizer, {part: (settings[part].lr_scheduler, steps)
                                                  for part, steps in plan.schedule.items()})
@@ -328,6 +320,33 @@ def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     if "text encoder" in parts:
         trainee.text_encoder = accelerator.prepare(trainee.text_encoder)
     return accelerator.prepare(optimizer), schedule
+
+
+def restore_saved_moments(plan: RunPlan, optimizer, accelerator) -> None:
+    """A warm start from a checkpoint folder saved with save_optimizer takes its optimizer's moments, the same
+    on every process: DDP makes every process's weights the main process's, not the moments. Raises
+    DamagedCheckpoint when the state cannot be read, or ProcessesPlannedDifferently (on every process) when the
+    processes' copies of the folder differ in it."""
+    from optimizer.optimizers import restore_optimizer_state
+    from utils.checkpoint import OPTIMIZER_STATE_FILE, DamagedCheckpoint
+    from utils.processes import check_same_on_every_process
+
+    folder, restored, unreadable = plan.config.resume_ckpt, None, None
+    if os.path.isdir(folder):
+        try:
+            restored = restore_optimizer_state(optimizer, folder)
+        except Exception as error:  # cut short or damaged: torch.load's RuntimeError, EOFError, UnpicklingError...
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            unreadable = DamagedCheckpoint(f"{folder}: its optimizer state cannot be read ({type(error).__name__}: "
+                                           f"{first_line}). Delete {OPTIMIZER_STATE_FILE} there to start with fresh "
+                                           "moments, or copy the folder again.")
+            restored = str(unreadable)
+    check_same_on_every_process(accelerator, restored, f"optimizer state in their copy of {folder}",
+                                "Let every machine see the same copy of the checkpoint folder")
+    if unreadable:
+        raise unreadable
+    if restored:
+        plan.derived.append(f"optimizer state {restored}")
 
 
 # =================================================================================================

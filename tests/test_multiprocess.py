@@ -510,6 +510,7 @@ def test_processes_that_found_other_optimizer_states_in_the_model_to_start_from_
 
     import train
     from optimizer.optimizers import save_optimizer_state
+    from utils.checkpoint import DamagedCheckpoint
     from utils.processes import ProcessesPlannedDifferently
 
     model = tmp_path / "model"
@@ -532,3 +533,7 @@ def test_processes_that_found_other_optimizer_states_in_the_model_to_start_from_
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: mine + mine)  # the same on both
     train.prepare_optimizer(plan, train.load_trainee(plan, accelerator), accelerator)
     assert any(line.startswith(f"optimizer state restored from {model}") for line in plan.derived)
+
+    (model / "optimizer.pt").write_bytes(b"cut short")  # every copy damaged alike: said plainly, no traceback
+    with pytest.raises(DamagedCheckpoint, match="its optimizer state cannot be read .* Delete optimizer.pt there"):
+        train.prepare_optimizer(plan, train.load_trainee(plan, accelerator), accelerator)
