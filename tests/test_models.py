@@ -111,13 +111,17 @@ def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
         load_diffusers_folder(str(tmp_path))
 
 
-def test_a_model_folder_with_a_weight_file_missing_or_cut_short_is_a_clear_error(tiny_folder, tmp_path):
+@pytest.mark.parametrize("part, weight_file", [("unet", "diffusion_pytorch_model.safetensors"),
+                                                ("vae", "diffusion_pytorch_model.safetensors"),
+                                                ("text_encoder", "model.safetensors")])
+def test_a_model_folder_with_a_weight_file_missing_or_cut_short_is_a_clear_error(tiny_folder, tmp_path, part,
+                                                                                weight_file):
     import shutil
 
     for damage in ("missing", "cut short"):
         folder = tmp_path / damage.replace(" ", "_")
         shutil.copytree(tiny_folder, folder)
-        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        weights = folder / part / weight_file
         if damage == "missing":
             weights.unlink()
         else:
@@ -126,7 +130,7 @@ def test_a_model_folder_with_a_weight_file_missing_or_cut_short_is_a_clear_error
         with pytest.raises(ModelLoadError) as excinfo:
             load_model(str(folder))
         message = str(excinfo.value)
-        assert message.startswith(f"resume_ckpt: {folder} could not be loaded: ") and "unet" in message, message
+        assert message.startswith(f"resume_ckpt: {folder} could not be loaded: {part}: "), message
         assert "Copy or download the model folder again" in message
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from utils.config import BUILTIN_TINY, CKPT_CACHE_DIR, FINDLAST, resume_ckpt_problem
 from utils.model_family import SD1, ModelFamily, UnsupportedModel, detect_family
@@ -130,7 +131,8 @@ def _load_weights(folder: str, name: str, library_and_class: Any) -> torch.nn.Mo
     try:
         module, report = model_class.from_pretrained(folder, subfolder=name, dtype=torch.float32,
                                                      output_loading_info=True, ignore_mismatched_sizes=True)
-    except (OSError, ValueError) as error:  # the weight file missing or cut short, a config that does not fit
+    except (OSError, ValueError, SafetensorError) as error:  # the weight file missing or cut short, a config that
+        # does not fit (diffusers reports a cut-short file as an OSError, transformers as a SafetensorError)
         raise ModelLoadError(f"resume_ckpt: {folder} could not be loaded: {name}: {_first_line(error)} Copy or "
                              "download the model folder again: a file in it is missing or incomplete.") from None
     missing = sorted(report["missing_keys"])
