@@ -97,7 +97,7 @@ def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
 def reference(tmp_path_factory):
     """The run left alone, without the periodic saves: saving must not change what trains either."""
     folder = tmp_path_factory.mktemp("reference")
-    result = train_py("--config", str(write_config(folder, ckpt_every_n_minutes=None)))
+    result = train_py("--config", str(write_config(folder, ckpt_every_n_minutes=0)))
     assert result.returncode == 0, result.stdout + result.stderr
     return {"weights": weights(final_checkpoint(folder / "logs")), "losses": logged_losses(run_folder(folder / "logs"))}
 
