@@ -165,7 +165,8 @@ def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same
     intact, and the same launch with --resume_run continues from it to the end. One process continues it
     too with --force_resume, its steps counted anew for one process."""
     settings = ("--config", "train.json", "--max_epochs", "2", "--save_every_n_epochs", "1", "--no_save_ckpt",
-                "true", "--sample_prompts", "null", "--log_step", "2", "--logdir", str(tmp_path / "logs"))
+                "true", "--sample_prompts", "null", "--log_step", "2", "--num_workers", "0", "--logdir",
+                str(tmp_path / "logs"))
     failed = launch_two("tests/error_injection.py", *settings, env={**os.environ, "ERROR_AT_STEP": "6"})
     output = failed.stdout + failed.stderr
     assert failed.returncode != 0, output
@@ -196,7 +197,7 @@ def test_a_stop_that_reaches_one_process_waits_for_the_main_process_to_save(tmp_
     soon as process 1 exits). The run resumes from it."""
     report = tmp_path / "process_1_exit"
     settings = ("--config", "train.json", "--max_epochs", "2", "--save_every_n_epochs", "1", "--no_save_ckpt",
-                "true", "--sample_prompts", "null", "--logdir", str(tmp_path / "logs"))
+                "true", "--sample_prompts", "null", "--num_workers", "0", "--logdir", str(tmp_path / "logs"))
     stopped = launch_two("tests/stop_injection.py", *settings,
                          env={**os.environ, "STOP_AT_STEP": "2", "SAVE_DELAY_S": "4", "EXIT_REPORT": str(report)})
     output = stopped.stdout + stopped.stderr
