@@ -441,7 +441,7 @@ def test_every_process_takes_part_in_sharing_the_seed_whatever_its_own_seed_sett
     """With `seed: -1` the processes train the main process's draw. Machines may each read their own copy of
     the config: one whose copy says `seed: 42` while the main process's says -1 used to skip the broadcast the
     others were in, and wait in the next collective for an hour. Now every process takes part, and
-    check_same_plan then names the difference."""
+    check_same_plan then names the difference; so it does when a process cannot plan again."""
     import accelerate.utils
 
     import train
@@ -462,6 +462,24 @@ def test_every_process_takes_part_in_sharing_the_seed_whatever_its_own_seed_sett
     assert len(broadcasts) == 1  # it took part; check_same_plan then names the settings that differ
     drawn = train.plan_run([*settings, "--seed", "-1"], random_seed=99)  # process 1 drew another
     assert share_random_seed(drawn, accelerator, [*settings, "--seed", "-1"]).config.seed == 1234
+
+    # Planning again fails (the data folder emptied meanwhile): process 1 keeps its first plan, with its own
+    # seed, so it meets the others in check_same_plan, which stops every process, instead of ending alone.
+    from utils.config import ConfigError
+    from utils.processes import ProcessesPlannedDifferently, check_same_plan
+
+    def data_gone(argv, random_seed=None):
+        raise ConfigError([])
+
+    monkeypatch.setattr("utils.run_plan.plan_run", data_gone)
+    accelerator.process_index = 1
+    assert share_random_seed(drawn, accelerator, [*settings, "--seed", "-1"]) is drawn
+    main_digests = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: main_digests.extend(mine) or mine + mine)
+    check_same_plan(main, accelerator)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: main_digests + mine)
+    with pytest.raises(ProcessesPlannedDifferently, match=r"process\(es\) 1 found other settings"):
+        check_same_plan(drawn, accelerator)
 
 
 def test_processes_that_planned_different_runs_stop_before_training(tmp_path, monkeypatch):

@@ -15,8 +15,11 @@ def share_random_seed(plan, accelerator, argv: list[str]):
     """With `seed: -1` each process drew its own seed; every process must train the main process's (the
     epoch plan each takes its share of, the crops and the noise all come from it): the others plan again
     (utils.run_plan.RunPlan). Every process takes part, whatever its own config says (machines may each
-    read their own copy); one whose seed setting differs from the main process's is left for
-    check_same_plan to name."""
+    read their own copy); one whose seed setting differs from the main process's, or whose planning again
+    fails (the data changed meanwhile), is left for check_same_plan to name."""
+    import sys
+
+    from utils.config import ConfigError
     from utils.run_plan import plan_run
 
     if accelerator.num_processes == 1:
@@ -24,7 +27,13 @@ def share_random_seed(plan, accelerator, argv: list[str]):
     main_setting, main_seed = main_process_value(accelerator, (plan.loaded.config.seed, plan.config.seed))
     if plan.loaded.config.seed != -1 or main_setting != -1 or main_seed == plan.config.seed:
         return plan
-    return plan_run(argv, random_seed=main_seed)
+    try:
+        return plan_run(argv, random_seed=main_seed)
+    except ConfigError as error:  # the data or the config changed since this process first planned: its first
+        # plan, with its own seed, then differs from the main process's, and check_same_plan stops every process
+        print(f"process {accelerator.process_index}: planning again with the main process's seed failed: {error}",
+              file=sys.stderr)
+        return plan
 
 
 class ProcessesPlannedDifferently(Exception):
