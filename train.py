@@ -742,21 +742,23 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(short_usage())
         return 0
-    from utils.processes import ProcessesPlannedDifferently
+    from utils.processes import ProcessesPlannedDifferently, leave_launch
     from utils.resume import NothingToResume
 
     try:
         plan, accelerator = plan_together(argv)
+        if plan.config.dry_run:
+            return dry_run(plan)
+        run_dir = start_run(plan, accelerator)
+        return train(plan, accelerator, run_dir)
     except (ConfigError, ProcessesPlannedDifferently) as error:
         print(error, file=sys.stderr)
         return 2
     except NothingToResume as finished:
         print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
         return 0
-    if plan.config.dry_run:
-        return dry_run(plan)
-    run_dir = start_run(plan, accelerator)
-    return train(plan, accelerator, run_dir)
+    finally:
+        leave_launch()
 
 
 def plan_together(argv: list[str]):

@@ -10,4 +10,8 @@ if __name__ == "__main__":
     os.chdir(sys.argv[1 + int(os.environ["RANK"])])
     import train
 
-    sys.exit(train.main(sys.argv[3:]))
+    code = train.main(sys.argv[3:])
+    import torch.distributed
+
+    assert not torch.distributed.is_initialized(), "train.main left the process group standing"
+    sys.exit(code)

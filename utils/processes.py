@@ -89,6 +89,17 @@ def check_same_on_every_process(accelerator, value, what: str, remedy: str) -> N
                                           f"process. {remedy}, then start the run again.")
 
 
+def leave_launch() -> None:
+    """Leave the launch's process group, if this process joined one, before the interpreter exits: torn down
+    at exit instead, gloo's threads can abort the process ("terminate called without an active exception",
+    SIGABRT) when another process has just left. torch asks for it before every exit."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")  # not loaded: no group (a config error, --help)
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 READY = "ready"  # agree_to_start: this process planned the run (or loaded the model) and can go on
 
 
