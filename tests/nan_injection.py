@@ -50,4 +50,8 @@ SkipReport.add = add_skipped
 data.fingerprint.file_digest = file_digest
 
 if __name__ == "__main__":
-    sys.exit(train.main(sys.argv[1:]))
+    code = train.main(sys.argv[1:])
+    import torch.distributed
+
+    assert not torch.distributed.is_initialized(), "train.main left the process group standing"
+    sys.exit(code)
