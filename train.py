@@ -745,20 +745,28 @@ def main(argv: list[str]) -> int:
     from utils.processes import ProcessesPlannedDifferently, leave_launch
     from utils.resume import NothingToResume
 
+    # A launch's processes leave its process group where they end together (torn down at exit instead, gloo
+    # can abort a process whose peer has just left). After an error one process may end alone, and NCCL's
+    # teardown could then wait for the others: the process exits as it is.
     try:
         plan, accelerator = plan_together(argv)
-        if plan.config.dry_run:
-            return dry_run(plan)
-        run_dir = start_run(plan, accelerator)
-        return train(plan, accelerator, run_dir)
-    except (ConfigError, ProcessesPlannedDifferently) as error:
+    except (ConfigError, ProcessesPlannedDifferently) as error:  # every process stops here, with this message
         print(error, file=sys.stderr)
+        leave_launch()
         return 2
     except NothingToResume as finished:
         print(f"--resume_run auto: this session already finished in {finished}; nothing to do.")
-        return 0
-    finally:
         leave_launch()
+        return 0
+    if plan.config.dry_run:
+        code = dry_run(plan)
+        leave_launch()
+        return code
+    run_dir = start_run(plan, accelerator)
+    code = train(plan, accelerator, run_dir)
+    if code == 0:
+        leave_launch()
+    return code
 
 
 def plan_together(argv: list[str]):

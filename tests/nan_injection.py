@@ -53,5 +53,5 @@ if __name__ == "__main__":
     code = train.main(sys.argv[1:])
     import torch.distributed
 
-    assert not torch.distributed.is_initialized(), "train.main left the process group standing"
+    assert code != 0 or not torch.distributed.is_initialized(), "train.main left the process group standing"
     sys.exit(code)

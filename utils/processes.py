@@ -92,7 +92,8 @@ def check_same_on_every_process(accelerator, value, what: str, remedy: str) -> N
 def leave_launch() -> None:
     """Leave the launch's process group, if this process joined one, before the interpreter exits: torn down
     at exit instead, gloo's threads can abort the process ("terminate called without an active exception",
-    SIGABRT) when another process has just left. torch asks for it before every exit."""
+    SIGABRT) when another process has just left. For where every process ends together: NCCL's teardown may
+    wait for the other processes."""
     import sys
 
     distributed = sys.modules.get("torch.distributed")  # not loaded: no group (a config error, --help)
