@@ -84,3 +84,18 @@ def test_strength_target_leaves_that_share_of_the_start_after_every_update(targe
 
 def test_decay_rate_is_used_as_given():
     assert resolve_ema_decay(0.995, None, 10) == (0.995, "ema_decay_rate")
+
+
+def test_ema_weights_of_another_model_are_refused_not_taken_half_empty(tmp_path):
+    """An EMA folder whose UNet file lacks half its tensors: diffusers would leave those on the meta device."""
+    from safetensors.torch import load_file, save_file
+
+    from utils.models import ModelLoadError
+
+    modules = tiny_modules()
+    EMA(modules, decay=0.5, device="cpu").save(str(tmp_path / "ckpt" / "ema"), modules)
+    (weights,) = (tmp_path / "ckpt" / "ema" / "unet").glob("*.safetensors")
+    save_file(dict(list(load_file(weights).items())[::2]), weights)
+    with pytest.raises(ModelLoadError, match=r"^EMA weights: .*/ema/unet holds weights for a different model\. "
+                                             r"Its parameters missing from its weight file: \d+"):
+        load_saved_ema(str(tmp_path / "ckpt"))

@@ -77,17 +77,20 @@ def save_ema_into(ema: EMA, modules: dict[str, torch.nn.Module], checkpoint_fold
 
 
 def load_saved_ema(folder: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The weights in an EMA folder (ours, a checkpoint holding one, or EveryDream2's `_ema` pipeline folder)."""
+    """The weights in an EMA folder (ours, a checkpoint holding one, or EveryDream2's `_ema` pipeline folder).
+    Raises utils.models.ModelLoadError for a weight file that is missing, cut short or of another model."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    from utils.models import load_part
 
     if os.path.isdir(os.path.join(folder, EMA_FOLDER)):
         folder = os.path.join(folder, EMA_FOLDER)
     found = {}
     if os.path.isdir(os.path.join(folder, "unet")):
-        found["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+        found["unet"] = load_part(folder, "unet", UNet2DConditionModel, "EMA weights").state_dict()
     if os.path.isdir(os.path.join(folder, "text_encoder")):
-        found["text encoder"] = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").state_dict()
+        found["text encoder"] = load_part(folder, "text_encoder", CLIPTextModel, "EMA weights").state_dict()
     if not found:
         raise FileNotFoundError(f"ema_resume_model: {folder!r} holds no unet/ or text_encoder/ folder of EMA weights")
     return found

@@ -112,13 +112,7 @@ def load_diffusers_folder(folder: str, source: str | None = None) -> SDModel:
 
 
 def _load_weights(folder: str, name: str, library_and_class: Any) -> torch.nn.Module:
-    """One weight-bearing part, in fp32 master weights whatever the file holds, refused unless its weight file
-    filled every parameter with a tensor of the right shape.
-
-    Left alone, diffusers leaves a UNet parameter that the file lacks on the meta device and transformers
-    starts a text-encoder parameter from random numbers, each with only a warning (which a run silences):
-    a file converted for another architecture, or with renamed keys, would be trained from noise.
-    """
+    """One weight-bearing part of a pipeline folder, of the class its model_index.json names (load_part)."""
     if not (isinstance(library_and_class, list) and len(library_and_class) == 2
             and library_and_class[0] in ("diffusers", "transformers")):
         raise ModelLoadError(f"resume_ckpt: {folder}/model_index.json names no diffusers or transformers class for "
@@ -128,19 +122,31 @@ def _load_weights(folder: str, name: str, library_and_class: Any) -> torch.nn.Mo
     if model_class is None:
         raise ModelLoadError(f"resume_ckpt: {folder}/model_index.json names {library}.{class_name} for {name!r}, "
                              f"which this {library} does not have.")
+    return load_part(folder, name, model_class)
+
+
+def load_part(folder: str, name: str, model_class, setting: str = "resume_ckpt") -> torch.nn.Module:
+    """The model in `folder`/`name` (a diffusers or transformers class), in fp32 master weights whatever the
+    file holds, refused unless its weight file filled every parameter with a tensor of the right shape.
+
+    Left alone, diffusers leaves a UNet parameter that the file lacks on the meta device and transformers
+    starts a text-encoder parameter from random numbers, each with only a warning (which a run silences):
+    a file converted for another architecture, or with renamed keys, would be trained from noise. Raises
+    ModelLoadError, its message starting with `setting` (the config key that named the folder, or what it is).
+    """
     try:
         module, report = model_class.from_pretrained(folder, subfolder=name, dtype=torch.float32,
                                                      output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, SafetensorError) as error:  # the weight file missing or cut short, a config that
         # does not fit (diffusers reports a cut-short file as an OSError, transformers as a SafetensorError)
-        raise ModelLoadError(f"resume_ckpt: {folder} could not be loaded: {name}: {_first_line(error)} Copy or "
+        raise ModelLoadError(f"{setting}: {folder} could not be loaded: {name}: {_first_line(error)} Copy or "
                              "download the model folder again: a file in it is missing or incomplete.") from None
     missing = sorted(report["missing_keys"])
     wrong_shape = sorted(key for key, *_shapes in report["mismatched_keys"])
     if missing or wrong_shape:
         found = [f"missing from its weight file: {len(missing)} (first: {missing[0]})"] if missing else []
         found += [f"of the wrong shape: {len(wrong_shape)} (first: {wrong_shape[0]})"] if wrong_shape else []
-        raise ModelLoadError(f"resume_ckpt: {folder}/{name} holds weights for a different model. Its parameters "
+        raise ModelLoadError(f"{setting}: {folder}/{name} holds weights for a different model. Its parameters "
                              f"{'; '.join(found)}. The folder's files do not belong together: convert or download "
                              "the model again.")
     return module
