@@ -283,12 +283,18 @@ def attempt(name: str, failures: dict, measure):
 
 
 def merged(rounds: list[Measurement]) -> Measurement | None:
-    """The rounds' step times as one measurement, with the highest peak memory; None without rounds."""
+    """The rounds' step times as one measurement, with the highest peak memory (allocated, and reserved where
+    recorded); None without rounds."""
     if not rounds:
         return None
-    peaks = [round_.peak_memory_bytes for round_ in rounds if round_.peak_memory_bytes is not None]
+
+    def highest(values):
+        known = [value for value in values if value is not None]
+        return max(known) if known else None
+
     return Measurement([s for round_ in rounds for s in round_.step_seconds], rounds[0].batch,
-                       max(peaks) if peaks else None, rounds[0].memory_kind)
+                       highest(round_.peak_memory_bytes for round_ in rounds), rounds[0].memory_kind,
+                       reserved_bytes=highest(round_.reserved_bytes for round_ in rounds))
 
 
 if __name__ == "__main__":

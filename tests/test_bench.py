@@ -362,3 +362,13 @@ def test_cuda_memory_is_reported_allocated_and_reserved(tmp_path, monkeypatch):
     text = report("python bench/train_throughput.py", Settings(resolution=256, steps=1, warmup=0), bare, full,
                   None, "none")
     assert "| 1.00 GB (2.00 GB) |" in text and "| 3.00 GB (4.00 GB) |" in text
+
+
+def test_merged_rounds_keep_the_highest_peak_reserved_memory_too():
+    """The GPU report's train.py row showed no reserved memory: the rounds' merge dropped it."""
+    rounds = [Measurement([0.2, 0.3], 8, 10, "torch.cuda.max_memory_allocated", reserved_bytes=12),
+              Measurement([0.25], 8, 11, "torch.cuda.max_memory_allocated", reserved_bytes=14)]
+    merged = train_throughput.merged(rounds)
+    assert (merged.step_seconds, merged.peak_memory_bytes, merged.reserved_bytes) == ([0.2, 0.3, 0.25], 11, 14)
+    no_reserved = train_throughput.merged([Measurement([0.2], 1, 5, "peak RSS")])
+    assert (no_reserved.peak_memory_bytes, no_reserved.reserved_bytes) == (5, None)
