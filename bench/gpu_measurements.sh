@@ -7,6 +7,8 @@
 # MEASUREMENT (all, in this order, when none is named):
 #   headline  SD 1.5, 512 px, batch 8, bf16, SDPA, UNet + text encoder: bare step and train.py (--full)
 #   cached    the same with cache_latents
+#   levers    bench/step_levers.py on the cached setting: the bare step with channels_last, fused AdamW, bf16
+#             frozen parts, bf16 weights, then combined, and at batch 16 and 32 (about 1.5 min)
 #   batch1    batch 1, AdamW8bit, gradient checkpointing: peak memory (target under 10 GB)
 #   example   UNet only, against diffusers' train_text_to_image.py ($DIFFUSERS_EXAMPLE), with and without
 #             cache_latents in train.py
@@ -19,9 +21,9 @@
 # folder). MODEL, RESOLUTION, PRECISION and DEVICE (sd15, 512, bf16, cuda) are for trying the script out on
 # a CPU with the tiny model (MODEL=tiny RESOLUTION=256 PRECISION=fp32 DEVICE=cpu).
 set -u
-out=${1:?usage: bench/gpu_measurements.sh OUT_DIR [headline cached batch1 example compile]}
+out=${1:?usage: bench/gpu_measurements.sh OUT_DIR [headline cached levers batch1 example compile]}
 shift
-measurements=${*:-headline cached batch1 example compile}
+measurements=${*:-headline cached levers batch1 example compile}
 python=${PYTHON:-python3}
 steps=${STEPS:-10}
 limit=${LIMIT_S:-200}
@@ -57,6 +59,17 @@ for measurement in $measurements; do
   case $measurement in
     headline) bench headline --batch 8 --train_text_encoder --full ;;
     cached) bench cached --batch 8 --train_text_encoder --full --cache_latents ;;
+    levers)
+      echo "== levers: bench/step_levers.py"
+      started=$SECONDS
+      timeout --kill-after=20 "$limit" "$python" -u bench/step_levers.py --model "${MODEL:-sd15}" \
+          --resolution "${RESOLUTION:-512}" --precision "${PRECISION:-bf16}" --device "${DEVICE:-cuda}" \
+          --steps "$steps" --warmup 3 --batch 8 --train_text_encoder --cache_latents --batches 16 32 \
+          >"$out/levers.log" 2>&1
+      status=$?
+      grep -v "^There are modules" "$out/levers.log" >"$out/levers.md"
+      echo "   exit status $status after $((SECONDS - started)) s"
+      tail -n 20 "$out/levers.md" ;;
     batch1) bench batch1 --batch 1 --optimizer adamw8bit --gradient_checkpointing --full ;;
     example)
       if [ -z "${DIFFUSERS_EXAMPLE:-}" ]; then
@@ -69,6 +82,6 @@ for measurement in $measurements; do
         bench example_cached --batch 8 --full --cache_latents --diffusers_example "$DIFFUSERS_EXAMPLE"
       fi ;;
     compile) bench compile --batch 8 --train_text_encoder --compile ;;
-    *) echo "unknown measurement: $measurement (headline cached batch1 example compile)" >&2; exit 2 ;;
+    *) echo "unknown measurement: $measurement (headline cached levers batch1 example compile)" >&2; exit 2 ;;
   esac
 done
