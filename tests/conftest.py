@@ -60,3 +60,14 @@ def tiny_folder(tiny, tmp_path_factory):
     StableDiffusionPipeline(**tiny, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate's state is per process and keeps the first Accelerator's mixed precision: reset around a test
+    that builds one with its own (other tests in the same worker process built theirs)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

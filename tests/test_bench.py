@@ -34,17 +34,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def fresh_accelerator():
-    """accelerate's state is per process and keeps the first Accelerator's mixed precision: reset around a test
-    that builds one with its own."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_the_bare_step_of_the_tiny_model_reports_throughput_and_flops(one_thread):
     settings = Settings(model="tiny", resolution=64, batch=1, steps=2, warmup=0, device="cpu")
     result = measure_bare(settings)

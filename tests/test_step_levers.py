@@ -7,7 +7,7 @@ import torch
 from bench import step_levers
 
 
-def test_each_lever_is_applied_while_timed_and_undone_after(monkeypatch, capsys):
+def test_each_lever_is_applied_while_timed_and_undone_after(monkeypatch, capsys, fresh_accelerator):
     seen = {}
     real_time_bare = step_levers.time_bare
 
