@@ -539,8 +539,9 @@ def step_optimizer(trainee: Trainee, optimizer, schedule, plan: RunPlan, state, 
     from optimizer.optimizer_config import grad_scaler_tweak
 
     config, settings = plan.config, plan.optimizer_settings
-    parts = {name: [p for p in module.parameters() if p.grad is not None]
-             for name, module in trainee.trained_parts().items()}
+    # The optimizer's named groups (one per trained part) rather than module.parameters(): walking the modules'
+    # trees for their parameters took 7 ms a step on the tiny model on the CPU, at every optimizer step.
+    parts = {group["name"]: [p for p in group["params"] if p.grad is not None] for group in optimizer.param_groups}
     if not trained_batches:  # every image of the group was unreadable, or every loss NaN
         optimizer.zero_grad(set_to_none=True)
         return {}

@@ -45,6 +45,13 @@ def samples():
             "indices": list(range(SAMPLES)), "loss_scale": torch.tensor([1.0, 0.5, 2.0, 1.0])}
 
 
+def per_part(optimizer_class, trainee, **options) -> torch.optim.Optimizer:
+    """An optimizer as train.py builds it (optimizer.optimizers.build_optimizer): one group per trained part,
+    named as the part, which is how train.step_optimizer finds each part's gradients."""
+    return optimizer_class([{"params": list(module.parameters()), "name": name}
+                            for name, module in trainee.trained_parts().items()], **options)
+
+
 def loader_batch(values: dict) -> dict:
     """A batch as data.dataset.Collate makes it, from the tensors the tests choose."""
     return {"latent_params": None, "stand_in": False, "bucket": (64, 64), "captions": [], **values}
@@ -64,7 +71,7 @@ def train_one_update(samples, batch_size: int, grad_accum: int, monkeypatch, acc
                             alphas_cumprod=parts["scheduler"].alphas_cumprod)
     # SGD: the update is the gradient itself (Adam divides by |gradient|, which blows float rounding in
     # near-zero gradients up to a full step).
-    optimizer = torch.optim.SGD(model.unet.parameters(), lr=1.0)
+    optimizer = per_part(torch.optim.SGD, trainee, lr=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     plan = SimpleNamespace(config=SimpleNamespace(grad_accum=grad_accum, clip_grad_norm=None, seed=0),
                            optimizer_settings=SimpleNamespace(log_grad_norm=False, grad_scaler_step_tweaks=False))
@@ -118,8 +125,7 @@ def test_training_lowers_the_loss_on_fixed_noise_and_timesteps(samples, monkeypa
     model.vae.requires_grad_(False)
     trainee = train.Trainee(model, model.unet, model.text_encoder, train_unet=True, train_text_encoder=True,
                             alphas_cumprod=parts["scheduler"].alphas_cumprod)
-    parameters = list(model.unet.parameters()) + list(model.text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3)
+    optimizer = per_part(torch.optim.AdamW, trainee, lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     plan = SimpleNamespace(config=SimpleNamespace(grad_accum=1, clip_grad_norm=1.0, seed=0),
                            optimizer_settings=SimpleNamespace(log_grad_norm=False, grad_scaler_step_tweaks=False))
