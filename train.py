@@ -380,8 +380,8 @@ def train_step(trainee: Trainee, batch: dict, config: TrainConfig, global_step: 
             hidden_states, unet_kwargs = trainee.text_embeddings(batch["input_ids"], config.clip_skip), {}
         else:
             with torch.set_grad_enabled(trainee.train_text_encoder):
-                conditioning = model.family.encode(trainee.text_encoder, batch["input_ids"].to(device),
-                                                   config.clip_skip)
+                conditioning = model.family.encode(trainee.text_encoder,
+                                                   batch["input_ids"].to(device, non_blocking=True), config.clip_skip)
             hidden_states, unet_kwargs = conditioning.hidden_states, conditioning.unet_kwargs
         if config.embedding_perturbation:
             hidden_states = diffusion.perturb_embeddings(hidden_states, config.embedding_perturbation, generator)

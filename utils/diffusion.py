@@ -161,10 +161,11 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: s
 
 
 def weighted_mean(per_sample: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
-    """The batch loss: each sample's loss times its weights (loss_scale, min-SNR), averaged."""
+    """The batch loss: each sample's loss times its weights (loss_scale, min-SNR), averaged. A weight from the
+    data loader's pinned memory is copied without waiting: a blocking copy would wait for the whole forward pass."""
     for weight in weights:
         if weight is not None:
-            per_sample = per_sample * weight.to(per_sample.device, torch.float32)
+            per_sample = per_sample * weight.to(per_sample.device, torch.float32, non_blocking=True)
     return per_sample.mean()
 
 
