@@ -111,6 +111,15 @@ class FlopTally:
         self.counts[name] = self.counts.get(name, 0) + counter.get_total_flops()
 
 
+def random_inputs(batch: int, resolution: int, vocabulary: int, seed: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bare step's fixed batch: fp32 pixels in [-1, 1) and caption token ids, drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
+    input_ids = torch.randint(0, vocabulary, (batch, TOKENS), generator=generator).to(device)
+    return pixels, input_ids
+
+
 class BareStep:
     """The inner loop of diffusers' train_text_to_image.py on one fixed batch, with train.py's precision and
     optimizer: the same math as train.py's step on the same model."""
@@ -143,11 +152,8 @@ class BareStep:
             freeze_text_encoder_parts(text_encoder, optimizer_settings.freezing)
         unet.train()
         self.vae, self.scaling_factor = vae, vae.config.scaling_factor
-        generator = torch.Generator().manual_seed(settings.seed)
-        size = settings.resolution
-        self.pixels = (torch.rand(settings.batch, 3, size, size, generator=generator) * 2 - 1).to(device)  # fp32
-        vocabulary = text_encoder.config.vocab_size
-        self.input_ids = torch.randint(0, vocabulary, (settings.batch, TOKENS), generator=generator).to(device)
+        self.pixels, self.input_ids = random_inputs(settings.batch, settings.resolution,
+                                                    text_encoder.config.vocab_size, settings.seed, device)
         self.latents = None
         if settings.cache_latents:  # encoded once: every step trains from these
             with torch.no_grad():

@@ -35,7 +35,7 @@ sys.path.insert(0, REPO_ROOT)  # run as a script from anywhere: bench/ is not a 
 
 import torch  # noqa: E402
 
-from bench.bare_step import TOKENS, prepare_bare, time_bare, trainer_settings  # noqa: E402
+from bench.bare_step import prepare_bare, random_inputs, time_bare, trainer_settings  # noqa: E402
 from bench.report import machine, peak_tflops, versions  # noqa: E402
 from bench.settings import ATTENTIONS, Settings  # noqa: E402
 
@@ -139,12 +139,10 @@ def why_not(lever: str, settings: Settings) -> str | None:
 
 
 def with_batch(bare, batch: int) -> None:
-    """The bare step's fixed inputs at another batch size (random, as bare_step.BareStep makes them)."""
-    generator = torch.Generator().manual_seed(bare.settings.seed)
-    size, device = bare.settings.resolution, bare.pixels.device
-    bare.pixels = (torch.rand(batch, 3, size, size, generator=generator) * 2 - 1).to(device)
-    vocabulary = bare.plain["text_encoder"].config.vocab_size
-    bare.input_ids = torch.randint(0, vocabulary, (batch, TOKENS), generator=generator).to(device)
+    """The bare step's fixed inputs at another batch size (bare_step.random_inputs, as BareStep makes them)."""
+    bare.pixels, bare.input_ids = random_inputs(batch, bare.settings.resolution,
+                                                bare.plain["text_encoder"].config.vocab_size, bare.settings.seed,
+                                                bare.pixels.device)
     if bare.latents is not None:
         with torch.no_grad():
             bare.latents = bare.encode(bare.pixels)
