@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 from utils.config import ConfigError, ConfigProblem, TrainConfig, short_usage, to_json_dict
@@ -315,10 +316,15 @@ def prepare_optimizer(plan: RunPlan, trainee: Trainee, accelerator):
     schedule = build_group_schedules(optimizer, {part: (settings[part].lr_scheduler, steps)
                                                  for part, steps in plan.schedule.items()})
     # The schedule is stepped by hand once per optimizer step; accelerate would count processes too.
-    if "unet" in parts:
-        trainee.unet = accelerator.prepare(trainee.unet)
-    if "text encoder" in parts:
-        trainee.text_encoder = accelerator.prepare(trainee.text_encoder)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers, which accelerate's kwargs
+        # handler cannot pass and older torch lacks; broadcast_buffers=False still means what
+        # multi_process_settings wants, so its warning at every launch says nothing to the user.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        if "unet" in parts:
+            trainee.unet = accelerator.prepare(trainee.unet)
+        if "text encoder" in parts:
+            trainee.text_encoder = accelerator.prepare(trainee.text_encoder)
     return accelerator.prepare(optimizer), schedule
 
 

@@ -134,6 +134,7 @@ def test_two_processes_train_the_demo_once_per_epoch_and_write_one_run(tmp_path)
     assert "effective batch: 4 images per optimizer step (batch_size 2 x grad_accum 1 x 2 processes)" in output
     assert "12 image variants encoded, 0 reused" in output  # the demo's 12 images, no flips, shared out
     assert "step 2: the loss is nan, so this batch is skipped" in output
+    assert "broadcast_buffers" not in output  # torch's deprecation warning, which says nothing to the user
 
     (run_dir,) = (tmp_path / "logs").iterdir()
     # 7 batches per epoch in runs of 2: each process trains 4 per epoch (one stand-in at the end), so 8 steps.
