@@ -160,6 +160,12 @@ def report(command: str, settings: Settings, bare: BareResult, full: Measurement
         rounds = (f"; per round (bare, then full): {', '.join(f'{r:.3f}x' for r in ratios)}, median "
                   f"{statistics.median(ratios):.3f}x" if ratios and len(ratios) > 1 else "")
         lines.append(f"| overhead full / bare | {ratio:.3f}x (medians of all steps{rounds}) | | | | |")
+        split = full.split_medians()
+        if split is not None:
+            inside, between = split
+            lines.append(f"| full step: inside train_batch / between batches | {inside * 1e3:.1f} / "
+                         f"{between * 1e3:.1f} ms (medians; inside minus the bare step: "
+                         f"{(inside - bare.median_seconds) * 1e3:+.1f} ms) | | | | |")
     elif "full" in failures:
         lines.append(failed_row(FULL_ROW, failures["full"]))
     if example is not None:
@@ -190,6 +196,10 @@ def report(command: str, settings: Settings, bare: BareResult, full: Measurement
         lines.append("The full step's and the example's MFU use the bare step's FLOPs (the same model, batch and "
                      "resolution). Their step times are the gaps between consecutive step ends (the StepTimer "
                      "plugin waits for the GPU; the example waits for its loss every step).")
+    if full is not None and full.inside_seconds is not None:
+        lines.append("Inside train_batch: from the StepTimer's on_step_start (the batch loaded) to its on_step_end, "
+                     "the trainer's step itself, to set against the bare step; between batches: the rest (the "
+                     "next batch from the data loader, logging, the loop's checks).")
     ran = [TRAINERS[name] for name, result in (("full", full), ("example", example)) if result or name in failures]
     if ran:
         lines.append(data_loading_text(settings, " and ".join(ran)))

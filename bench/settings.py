@@ -70,6 +70,9 @@ class Measurement:
     peak_memory_bytes: int | None
     memory_kind: str  # how peak_memory_bytes was measured
     reserved_bytes: int | None = field(default=None, kw_only=True)  # CUDA: torch.cuda.max_memory_reserved
+    # train.py: of each timed step, the part inside the trainer's step (train_batch), its batch already loaded;
+    # the rest of step_seconds lies between batches (loading, logging, the loop). None where not recorded.
+    inside_seconds: list[float] | None = field(default=None, kw_only=True)
 
     @property
     def median_seconds(self) -> float:
@@ -78,6 +81,14 @@ class Measurement:
     @property
     def images_per_second(self) -> float:
         return self.batch / self.median_seconds
+
+    def split_medians(self) -> tuple[float, float] | None:
+        """(inside the step, between batches): the medians over the timed steps, in seconds; None when the
+        part inside was not recorded."""
+        if self.inside_seconds is None:
+            return None
+        between = [total - inside for total, inside in zip(self.step_seconds, self.inside_seconds, strict=True)]
+        return statistics.median(self.inside_seconds), statistics.median(between)
 
 
 @dataclass

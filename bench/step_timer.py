@@ -2,9 +2,12 @@
 
     BENCH_STEP_TIMES=/tmp/steps.txt python train.py ... --plugins bench.step_timer.StepTimer
 
-Appends one line per step to the file named by BENCH_STEP_TIMES: `time.perf_counter()` (s) and the global
-step. On CUDA it first waits for the GPU, so that a timestamp marks the end of the step's work rather than
-the end of its queueing (the trainer already waits once per step, for the loss). At the end it adds the
+Appends one line per step to the file named by BENCH_STEP_TIMES: `time.perf_counter()` (s) at the step's end,
+the global step, and the time the step started (on_step_start: the batch loaded, train_batch not yet begun).
+On CUDA it first waits for the GPU, so that a timestamp marks the end of the work before it rather than the
+end of its queueing (the trainer already waits once per step, for the loss). The gap from one step's end to
+the next one's end is the step as a user sees it; the part from its start to its end is train_batch, and the
+rest (loading the next batch, logging, the loop's decisions) lies between batches. At the end it adds the
 process's peak memory: on CUDA a `# peak_cuda_memory_bytes N` line (max_memory_allocated) and a
 `# peak_cuda_reserved_bytes N` line (max_memory_reserved: what the card must hold, the caching allocator's
 blocks included), otherwise a `# peak_rss_bytes N` line.
@@ -17,6 +20,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 ENV_VAR = "BENCH_STEP_TIMES"
 PEAK_KINDS = {"peak_cuda_memory_bytes": "torch.cuda.max_memory_allocated",
@@ -25,21 +29,29 @@ RESERVED_KEY = "peak_cuda_reserved_bytes"  # torch.cuda.max_memory_reserved, bes
 
 
 class StepTimer:
-    """on_step_end appends `perf_counter global_step` to $BENCH_STEP_TIMES."""
+    """on_step_end appends `end global_step start` (perf_counter seconds) to $BENCH_STEP_TIMES."""
 
     def __init__(self):
         self.path = os.environ.get(ENV_VAR)
+        self.started = None  # perf_counter at the current step's on_step_start
 
     def on_training_start(self, **kwargs) -> None:
         pass
+
+    def on_step_start(self, **kwargs) -> None:
+        if self.path:
+            _synchronize_cuda()
+            self.started = time.perf_counter()
 
     def on_step_end(self, **kwargs) -> None:
         if not self.path:
             return
         _synchronize_cuda()
         now = time.perf_counter()
+        started = "" if self.started is None else f" {self.started:.6f}"
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(f"{now:.6f} {kwargs.get('global_step', '')}\n")
+            handle.write(f"{now:.6f} {kwargs.get('global_step', '')}{started}\n")
+        self.started = None
 
     def on_training_end(self, **kwargs) -> None:
         if not self.path:
@@ -79,18 +91,32 @@ def _synchronize_cuda() -> None:
         torch.cuda.synchronize()
 
 
-def read_step_times(path: str) -> tuple[list[float], int | None, str | None, int | None]:
-    """The timestamps (s) of a StepTimer file, in order; the peak memory (bytes) recorded at the end, how it was
-    measured, and on CUDA the peak reserved memory (bytes) (None for what the run did not record)."""
-    times, peak, kind, reserved = [], None, None, None
+@dataclass
+class StepTimes:
+    """What a StepTimer file holds: each step's end and start (perf_counter seconds; a start is None where the
+    trainer did not call on_step_start), and the peak memory recorded at the end, how it was measured, and on
+    CUDA the peak reserved (None for what the run did not record)."""
+
+    ends: list[float]
+    starts: list[float | None]
+    peak_bytes: int | None = None
+    peak_kind: str | None = None
+    reserved_bytes: int | None = None
+
+
+def read_step_times(path: str) -> StepTimes:
+    """A StepTimer file's steps, in order, and its peak memory."""
+    found = StepTimes([], [])
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if line.startswith("#"):
                 key, value = line[1:].split()
                 if key == RESERVED_KEY:
-                    reserved = int(value)
+                    found.reserved_bytes = int(value)
                 else:
-                    peak, kind = int(value), PEAK_KINDS[key]
+                    found.peak_bytes, found.peak_kind = int(value), PEAK_KINDS[key]
             elif line.strip():
-                times.append(float(line.split()[0]))
-    return times, peak, kind, reserved
+                fields = line.split()
+                found.ends.append(float(fields[0]))
+                found.starts.append(float(fields[2]) if len(fields) > 2 else None)
+    return found

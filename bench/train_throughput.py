@@ -102,7 +102,7 @@ def measure_full(settings: Settings, workload: Workload, timeout: float | None =
     """Run train.py for warmup + steps + 1 steps; the step times are the gaps between consecutive step ends,
     after the warm-up. Raises TrainerFailed."""
     from bench.step_timer import ENV_VAR, read_step_times
-    from bench.workload import TrainerFailed, run_trainer, timed_steps
+    from bench.workload import TrainerFailed, run_trainer, seconds_inside_steps, timed_steps
 
     with tempfile.TemporaryDirectory(prefix="train_py_", dir=workload.folder) as folder:
         times_path = os.path.join(folder, "step_times.txt")
@@ -112,12 +112,15 @@ def measure_full(settings: Settings, workload: Workload, timeout: float | None =
         if not os.path.exists(times_path):
             raise TrainerFailed("train.py ran but the StepTimer plugin wrote nothing: does this train.py call "
                                 "plugins' on_step_end?", output, command)
-        times, peak, peak_kind, reserved = read_step_times(times_path)
+        recorded = read_step_times(times_path)
     try:
-        seconds = timed_steps(times, settings.warmup, settings.steps, "train.py")
+        seconds = timed_steps(recorded.ends, settings.warmup, settings.steps, "train.py")
     except TrainerFailed as failure:  # with what train.py said
         raise TrainerFailed(failure.reason, output, command) from None
-    return Measurement(seconds, settings.batch, peak, peak_kind or "not recorded", reserved_bytes=reserved)
+    return Measurement(seconds, settings.batch, recorded.peak_bytes, recorded.peak_kind or "not recorded",
+                       reserved_bytes=recorded.reserved_bytes,
+                       inside_seconds=seconds_inside_steps(recorded.starts, recorded.ends, settings.warmup,
+                                                           settings.steps))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -283,8 +286,8 @@ def attempt(name: str, failures: dict, measure):
 
 
 def merged(rounds: list[Measurement]) -> Measurement | None:
-    """The rounds' step times as one measurement, with the highest peak memory (allocated, and reserved where
-    recorded); None without rounds."""
+    """The rounds' step times (and the parts inside the steps, where every round recorded them) as one
+    measurement, with the highest peak memory (allocated, and reserved where recorded); None without rounds."""
     if not rounds:
         return None
 
@@ -292,9 +295,11 @@ def merged(rounds: list[Measurement]) -> Measurement | None:
         known = [value for value in values if value is not None]
         return max(known) if known else None
 
+    inside = None if any(round_.inside_seconds is None for round_ in rounds) else [
+        s for round_ in rounds for s in round_.inside_seconds]
     return Measurement([s for round_ in rounds for s in round_.step_seconds], rounds[0].batch,
                        highest(round_.peak_memory_bytes for round_ in rounds), rounds[0].memory_kind,
-                       reserved_bytes=highest(round_.reserved_bytes for round_ in rounds))
+                       reserved_bytes=highest(round_.reserved_bytes for round_ in rounds), inside_seconds=inside)
 
 
 if __name__ == "__main__":

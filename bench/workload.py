@@ -135,3 +135,13 @@ def timed_steps(step_ends: list[float], warmup: int, steps: int, name: str) -> l
         raise TrainerFailed(f"{name} timed {len(step_ends)} steps, fewer than the {warmup + steps + 1} asked for")
     gaps = [later - earlier for earlier, later in zip(step_ends, step_ends[1:])]
     return gaps[warmup:warmup + steps]
+
+
+def seconds_inside_steps(step_starts: list[float | None], step_ends: list[float], warmup: int,
+                         steps: int) -> list[float] | None:
+    """Of the steps timed_steps times, the part from each one's start to its end (the trainer's step itself,
+    without loading its batch); None when a start was not recorded."""
+    timed = range(warmup + 1, warmup + steps + 1)  # gap i ends at step_ends[i + 1]
+    if any(step_starts[index] is None for index in timed):
+        return None
+    return [step_ends[index] - step_starts[index] for index in timed]

@@ -14,7 +14,7 @@ from bench.bare_step import BareStep, attention_flop_formulas, measure_bare
 from bench.report import data_loading_text, report, table_peak
 from bench.settings import REPO_ROOT, BareResult, Measurement, Settings, train_command
 from bench.step_timer import ENV_VAR, StepTimer, read_step_times
-from bench.workload import METADATA_FILE, TrainerFailed, write_model_folder, write_training_images
+from bench.workload import METADATA_FILE, TrainerFailed, timed_steps, write_model_folder, write_training_images
 from utils.architectures import ARCHITECTURES, build_random_components
 from utils.config import merge, parse_cli
 from utils.tiny_model import build_tiny_components
@@ -98,15 +98,45 @@ def test_the_step_timer_appends_a_timestamp_per_step(tmp_path, monkeypatch):
     timer = StepTimer()
     timer.on_training_start(log_folder=str(tmp_path))
     for step in range(1, 4):
+        timer.on_step_start(global_step=step - 1, local_step=step - 1)
         timer.on_step_end(global_step=step, loss=None, epoch=0)
+    timer.on_step_end(global_step=4)  # a trainer that calls no on_step_start: no start recorded
     timer.on_training_end()
-    times, peak, kind, reserved = read_step_times(str(path))
-    assert len(times) == 3 and times == sorted(times)
-    assert kind == "peak RSS of the train.py process" and peak > 50e6  # this test process: torch is loaded
-    assert reserved is None  # CUDA only
+    recorded = read_step_times(str(path))
+    assert len(recorded.ends) == 4 and recorded.ends == sorted(recorded.ends)
+    assert all(start <= end for start, end in zip(recorded.starts[:3], recorded.ends))
+    assert recorded.starts[0] > 0 and recorded.starts[1] >= recorded.ends[0] and recorded.starts[3] is None
+    assert recorded.peak_kind == "peak RSS of the train.py process"
+    assert recorded.peak_bytes > 50e6  # this test process: torch is loaded
+    assert recorded.reserved_bytes is None  # CUDA only
     monkeypatch.delenv(ENV_VAR)
-    StepTimer().on_step_end(global_step=4)  # without the variable: does nothing
-    assert len(read_step_times(str(path))[0]) == 3
+    StepTimer().on_step_end(global_step=5)  # without the variable: does nothing
+    assert len(read_step_times(str(path)).ends) == 4
+
+
+def test_the_full_step_is_split_into_the_part_inside_the_step_and_the_part_between_batches():
+    """Steps end at 1, 2, 4 and 7 s and start 0.2, 0.5 and 0.75 s before: the timed steps (after 1 warm-up)
+    last 2 and 3 s, of which 0.5 and 0.75 s inside; the report gives both medians and the inside part
+    against the bare step."""
+    from bench.workload import seconds_inside_steps
+
+    ends, starts = [1.0, 2.0, 4.0, 7.0], [0.9, 1.8, 3.5, 6.25]
+    assert timed_steps(ends, 1, 2, "t") == [2.0, 3.0]
+    inside = seconds_inside_steps(starts, ends, 1, 2)
+    assert inside == pytest.approx([0.5, 0.75])
+    assert seconds_inside_steps([0.9, 1.8, None, 6.25], ends, 1, 2) is None
+    full = Measurement([2.0, 3.0], 1, None, "n/a", inside_seconds=inside)
+    assert full.split_medians() == pytest.approx((0.625, 1.875))
+    bare = BareResult([0.5, 0.5], 1, None, "n/a", {"backward": 10**9})
+    text = report("python bench/train_throughput.py", Settings(resolution=256, steps=2, warmup=1), bare, full,
+                  None, "none")
+    assert "| full step: inside train_batch / between batches | 625.0 / 1875.0 ms (medians; inside minus the " \
+           "bare step: +125.0 ms) |" in text
+    merged = train_throughput.merged([full, Measurement([1.0], 1, None, "n/a", inside_seconds=[0.25])])
+    assert merged.inside_seconds == pytest.approx([0.5, 0.75, 0.25])
+    assert train_throughput.merged([full, Measurement([1.0], 1, None, "n/a")]).inside_seconds is None
+    assert "inside train_batch" not in report("c", Settings(resolution=256, steps=2, warmup=1), bare,
+                                              Measurement([2.0, 3.0], 1, None, "n/a"), None, "none")
 
 
 def test_the_workload_is_a_model_folder_the_trainer_loads_and_square_captioned_images(tmp_path):
@@ -143,6 +173,7 @@ def test_the_full_step_runs_train_py_on_the_workload_and_reports_the_overhead(tm
                            "--threads", "1", "--full", "--workdir", str(tmp_path)])
     text = capsys.readouterr().out
     assert "| full step (train.py, StepTimer plugin) |" in text and "| overhead full / bare |" in text
+    assert "| full step: inside train_batch / between batches |" in text  # train.py calls on_step_start
     assert "peak RSS of the train.py process" in text and list(tmp_path.iterdir()) == []  # cleaned up
 
 
@@ -343,7 +374,8 @@ def test_cuda_memory_is_reported_allocated_and_reserved(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 10**9)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 4 * 10**9)
     StepTimer().on_training_end()
-    _, peak, kind, reserved = read_step_times(str(tmp_path / "steps.txt"))
+    recorded = read_step_times(str(tmp_path / "steps.txt"))
+    peak, kind, reserved = recorded.peak_bytes, recorded.peak_kind, recorded.reserved_bytes
     assert (peak, kind, reserved) == (3 * 10**9, "torch.cuda.max_memory_allocated", 4 * 10**9)
     bare = BareResult([0.5], 1, 10**9, "torch.cuda.max_memory_allocated", {"backward": 10**9},
                       reserved_bytes=2 * 10**9)
