@@ -8,7 +8,7 @@
 #   headline  SD 1.5, 512 px, batch 8, bf16, SDPA, UNet + text encoder: bare step and train.py (--full)
 #   cached    the same with cache_latents
 #   levers    bench/step_levers.py on the cached setting: the bare step with channels_last, fused AdamW, bf16
-#             frozen parts, bf16 weights, then combined, and at batch 16 and 32 (about 1.5 min)
+#             frozen parts, bf16 weights, bf16 norms, then combined, and at batch 16 and 32 (about 1.5 min)
 #   batch1    batch 1, AdamW8bit, gradient checkpointing: peak memory (target under 10 GB)
 #   example   UNet only, against diffusers' train_text_to_image.py ($DIFFUSERS_EXAMPLE), with and without
 #             cache_latents in train.py

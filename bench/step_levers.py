@@ -13,6 +13,9 @@ foreach AdamW on CUDA), built and FLOP-counted once. Each lever is applied to it
   instead of fp32 (what diffusers' example does); the trained weights stay fp32.
 - `bf16_weights`: every weight in bf16, the trained ones too, AdamW on bf16 parameters (kohya's
   `full_bf16`): less memory and traffic, but coarser updates, so a change of the training's math.
+- `bf16_norms`: GroupNorm and LayerNorm computed in bf16 instead of the fp32 CUDA's autocast gives them, so the
+  activations after them stay bf16 (MosaicML's low-precision GroupNorm/LayerNorm, `../shared/reference/PEERS.md`
+  §2.2); the statistics are still accumulated in fp32 by the kernels. A change of the training's math.
 - `combined`: channels_last, fused_adamw and bf16_frozen together (the levers that keep train.py's math).
 - `--batches N ...`: the baseline and `combined` at other batch sizes (the same FLOPs per image).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -39,7 +43,7 @@ from bench.bare_step import prepare_bare, random_inputs, time_bare, trainer_sett
 from bench.report import machine, peak_tflops, versions  # noqa: E402
 from bench.settings import ATTENTIONS, Settings  # noqa: E402
 
-LEVERS = ("channels_last", "fused_adamw", "bf16_frozen", "bf16_weights", "combined")
+LEVERS = ("channels_last", "fused_adamw", "bf16_frozen", "bf16_weights", "bf16_norms", "combined")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -119,6 +123,32 @@ def bf16_weights(bare):
         yield
 
 
+def low_precision_norm(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The forward of a GroupNorm or LayerNorm in autocast's compute precision (bf16), not in fp32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    weight = None if module.weight is None else module.weight.to(dtype)
+    bias = None if module.bias is None else module.bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        if isinstance(module, torch.nn.GroupNorm):
+            return torch.nn.functional.group_norm(hidden.to(dtype), module.num_groups, weight, bias, module.eps)
+        return torch.nn.functional.layer_norm(hidden.to(dtype), module.normalized_shape, weight, bias, module.eps)
+
+
+@contextlib.contextmanager
+def bf16_norms(bare):
+    """Every GroupNorm and LayerNorm of the UNet, the text encoder and the VAE through low_precision_norm."""
+    norms = [module for part in (bare.plain["unet"], bare.plain["text_encoder"], bare.vae)
+             for module in part.modules() if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    for module in norms:
+        module.forward = functools.partial(low_precision_norm, module)
+    try:
+        yield
+    finally:
+        for module in norms:
+            del module.forward  # the class's forward again
+
+
 @contextlib.contextmanager
 def combined(bare):
     with channels_last(bare), bf16_frozen(bare), fused_adamw(bare):
@@ -126,7 +156,7 @@ def combined(bare):
 
 
 APPLY = {"channels_last": channels_last, "fused_adamw": fused_adamw, "bf16_frozen": bf16_frozen,
-         "bf16_weights": bf16_weights, "combined": combined}
+         "bf16_weights": bf16_weights, "bf16_norms": bf16_norms, "combined": combined}
 
 
 def why_not(lever: str, settings: Settings) -> str | None:
@@ -135,6 +165,8 @@ def why_not(lever: str, settings: Settings) -> str | None:
         return "fused AdamW replaces torch's AdamW, not bitsandbytes' AdamW8bit"
     if lever in ("bf16_frozen", "bf16_weights", "combined") and settings.precision == "fp32":
         return "the step computes in fp32, without autocast: bf16 weights would not fit its fp32 inputs"
+    if lever == "bf16_norms" and settings.precision == "fp32":
+        return "the step computes in fp32, without autocast: the norms have no lower precision to run in"
     return None
 
 
