@@ -33,6 +33,7 @@ def make_accelerator(plan: RunPlan):
     from accelerate import Accelerator
 
     config = plan.config
+    refuse_sharded_launch()
     cuda = torch.cuda.is_available()
     precision = "no" if config.disable_amp or not cuda else config.mixed_precision
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -67,6 +68,29 @@ def make_accelerator(plan: RunPlan):
     why = "disable_amp" if config.disable_amp else ("mixed_precision" if cuda else "CPU trains in fp32")
     plan.derived.append(f"mixed precision = {precision} ({why}) on {accelerator.device}")
     return accelerator
+
+
+# What accelerate launch sets for a launch that shards the model (--use_fsdp, --use_deepspeed, an accelerate
+# config file's distributed_type), and the name to tell the user.
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def refuse_sharded_launch() -> None:
+    """train.py trains with plain data parallelism: every process holds the whole model (its saves, samples,
+    EMA and validation use the process's own copy), and it prepares its models and optimizer one by one, which
+    accelerate's FSDP and DeepSpeed integrations do not take. A launch asking for either would fail or train
+    wrongly after the model loaded; it is refused before. Raises ConfigError."""
+    from accelerate.utils import parse_flag_from_env
+
+    asked = [(variable, name) for variable, name in SHARDED_LAUNCHES.items() if parse_flag_from_env(variable)]
+    if asked:
+        variable, name = asked[0]
+        raise ConfigError([ConfigProblem("launch", f"accelerate launch ({variable})", (
+            f"{name} is not supported: train.py trains with plain data parallelism, each GPU holding the whole "
+            "model (doc/MULTIGPU.md). Launch with `accelerate launch --multi_gpu`, or an accelerate config whose "
+            "distributed_type is MULTI_GPU; on a small GPU, gradient_checkpointing and optimizer adamw8bit "
+            "save the memory instead."))])
 
 
 def multi_process_settings(config: TrainConfig) -> list:

@@ -557,3 +557,22 @@ def test_processes_that_found_other_optimizer_states_in_the_model_to_start_from_
     (model / "optimizer.pt").write_bytes(b"cut short")  # every copy damaged alike: said plainly, no traceback
     with pytest.raises(DamagedCheckpoint, match="its optimizer state cannot be read .* Delete optimizer.pt there"):
         train.prepare_optimizer(plan, train.load_trainee(plan, accelerator), accelerator)
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_launch_that_shards_the_model_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, variable,
+                                                                          name):
+    """accelerate launch --use_fsdp or --use_deepspeed (or a config file asking for them) sets these variables.
+    train.py prepares its models and optimizer one by one, as plain data parallelism does, and every process
+    keeps the whole model: such a launch used to fail in accelerate after the model loaded (on the CPU,
+    accelerate's FSDP plugin raised in the Accelerator). Now a config error names it, and nothing starts."""
+    import train
+
+    monkeypatch.setenv(variable, "true")
+    code = train.main(["--config", str(REPO / "train.json"), "--data_root", str(REPO / "examples" / "images"),
+                       "--logdir", str(tmp_path / "logs")])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert f"accelerate launch ({variable}): launch: {name} is not supported" in stderr
+    assert "doc/MULTIGPU.md" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "logs").exists()
