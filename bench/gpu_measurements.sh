@@ -38,38 +38,35 @@ mkdir -p "$out"
   df -h "${WORKDIR:-${TMPDIR:-/tmp}}" 2>&1 | tail -1
 } | tee "$out/machine.txt"
 
-bench() {  # name, then the bench's arguments
-  local name=$1
-  shift
-  echo "== $name: bench/train_throughput.py $*"
+measure() {  # name, the script under bench/, then its own arguments (the model and its precision are added)
+  local name=$1 script=$2
+  shift 2
+  echo "== $name: bench/$script $*"
   local started=$SECONDS
-  timeout --kill-after=20 "$limit" "$python" -u bench/train_throughput.py --model "${MODEL:-sd15}" \
+  timeout --kill-after=20 "$limit" "$python" -u "bench/$script" --model "${MODEL:-sd15}" \
       --resolution "${RESOLUTION:-512}" --precision "${PRECISION:-bf16}" --device "${DEVICE:-cuda}" \
-      --steps "$steps" --warmup 3 --repeats 1 \
-      --trainer_timeout_s $((limit * 3 / 5)) ${WORKDIR:+--workdir "$WORKDIR"} "$@" >"$out/$name.log" 2>&1
+      --steps "$steps" --warmup 3 "$@" >"$out/$name.log" 2>&1
   local status=$?
-  # The report is what follows the bare step's early table: from the last line that names the command.
-  awk '/^`python bench\/train_throughput.py/{report=""} {report=report $0 "\n"} END{printf "%s", report}' \
-      "$out/$name.log" >"$out/$name.md"
+  # The report is what follows the last line that names the command (train_throughput.py prints the bare
+  # step's table early, then the whole report), without FlopCounterMode's notes.
+  grep -v "^There are modules" "$out/$name.log" \
+    | awk '/^`python bench\//{report=""} {report=report $0 "\n"} END{printf "%s", report}' >"$out/$name.md"
   echo "   exit status $status after $((SECONDS - started)) s"
   tail -n 30 "$out/$name.md"
+}
+
+bench() {  # name, then bench/train_throughput.py's arguments
+  local name=$1
+  shift
+  measure "$name" train_throughput.py --repeats 1 --trainer_timeout_s $((limit * 3 / 5)) \
+      ${WORKDIR:+--workdir "$WORKDIR"} "$@"
 }
 
 for measurement in $measurements; do
   case $measurement in
     headline) bench headline --batch 8 --train_text_encoder --full ;;
     cached) bench cached --batch 8 --train_text_encoder --full --cache_latents ;;
-    levers)
-      echo "== levers: bench/step_levers.py"
-      started=$SECONDS
-      timeout --kill-after=20 "$limit" "$python" -u bench/step_levers.py --model "${MODEL:-sd15}" \
-          --resolution "${RESOLUTION:-512}" --precision "${PRECISION:-bf16}" --device "${DEVICE:-cuda}" \
-          --steps "$steps" --warmup 3 --batch 8 --train_text_encoder --cache_latents --batches 16 32 \
-          >"$out/levers.log" 2>&1
-      status=$?
-      grep -v "^There are modules" "$out/levers.log" >"$out/levers.md"
-      echo "   exit status $status after $((SECONDS - started)) s"
-      tail -n 20 "$out/levers.md" ;;
+    levers) measure levers step_levers.py --batch 8 --train_text_encoder --cache_latents --batches 16 32 ;;
     batch1) bench batch1 --batch 1 --optimizer adamw8bit --gradient_checkpointing --full ;;
     example)
       if [ -z "${DIFFUSERS_EXAMPLE:-}" ]; then
