@@ -33,7 +33,6 @@ def make_accelerator(plan: RunPlan):
     from accelerate import Accelerator
 
     config = plan.config
-    refuse_sharded_launch()
     cuda = torch.cuda.is_available()
     precision = "no" if config.disable_amp or not cuda else config.mixed_precision
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -80,10 +79,10 @@ def refuse_sharded_launch() -> None:
     """train.py trains with plain data parallelism: every process holds the whole model (its saves, samples,
     EMA and validation use the process's own copy), and it prepares its models and optimizer one by one, which
     accelerate's FSDP and DeepSpeed integrations do not take. A launch asking for either would fail or train
-    wrongly after the model loaded; it is refused before. Raises ConfigError."""
-    from accelerate.utils import parse_flag_from_env
-
-    asked = [(variable, name) for variable, name in SHARDED_LAUNCHES.items() if parse_flag_from_env(variable)]
+    wrongly after the model loaded; it is refused before, a dry run's too. The variables are read as accelerate
+    reads them ("true", in any case). Raises ConfigError."""
+    asked = [(variable, name) for variable, name in SHARDED_LAUNCHES.items()
+             if os.environ.get(variable, "false").lower() == "true"]
     if asked:
         variable, name = asked[0]
         raise ConfigError([ConfigProblem("launch", f"accelerate launch ({variable})", (
@@ -812,6 +811,7 @@ def plan_together(argv: list[str]):
     together = launched_with_others(argv)
     try:
         plan = plan_run(argv)
+        refuse_sharded_launch()
         accelerator = None if plan.config.dry_run else make_accelerator(plan)
     except (ConfigError, NothingToResume) as error:
         if together:

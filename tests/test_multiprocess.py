@@ -568,11 +568,15 @@ def test_a_launch_that_shards_the_model_is_refused_before_the_model_loads(tmp_pa
     accelerate's FSDP plugin raised in the Accelerator). Now a config error names it, and nothing starts."""
     import train
 
-    monkeypatch.setenv(variable, "true")
-    code = train.main(["--config", str(REPO / "train.json"), "--data_root", str(REPO / "examples" / "images"),
-                       "--logdir", str(tmp_path / "logs")])
-    stderr = capsys.readouterr().err
-    assert code == 2, stderr
-    assert f"accelerate launch ({variable}): launch: {name} is not supported" in stderr
-    assert "doc/MULTIGPU.md" in stderr and "Traceback" not in stderr
-    assert not (tmp_path / "logs").exists()
+    settings = ["--config", str(REPO / "train.json"), "--data_root", str(REPO / "examples" / "images"),
+                "--logdir", str(tmp_path / "logs")]
+    monkeypatch.setenv(variable, "True")  # read as accelerate reads it
+    for dry_run in ([], ["--dry_run"]):
+        code = train.main(settings + dry_run)
+        stderr = capsys.readouterr().err
+        assert code == 2, stderr
+        assert f"accelerate launch ({variable}): launch: {name} is not supported" in stderr
+        assert "doc/MULTIGPU.md" in stderr and "Traceback" not in stderr
+        assert not (tmp_path / "logs").exists()
+    monkeypatch.setenv(variable, "false")  # what accelerate launch sets for a plain launch
+    assert train.main(settings + ["--dry_run"]) == 0
