@@ -38,7 +38,8 @@ mkdir -p "$out"
   df -h "${WORKDIR:-${TMPDIR:-/tmp}}" 2>&1 | tail -1
 } | tee "$out/machine.txt"
 
-measure() {  # name, the script under bench/, then its own arguments (the model and its precision are added)
+measure() {  # name, the script under bench/, then its own arguments (the model, resolution, precision,
+             # device, steps and warm-up are added)
   local name=$1 script=$2
   shift 2
   echo "== $name: bench/$script $*"

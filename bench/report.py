@@ -163,7 +163,7 @@ def report(command: str, settings: Settings, bare: BareResult, full: Measurement
         split = full.split_medians()
         if split is not None:
             inside, between = split
-            lines.append(f"| full step: inside train_batch / between batches | {inside * 1e3:.1f} / "
+            lines.append(f"| full step: inside the step / between batches | {inside * 1e3:.1f} / "
                          f"{between * 1e3:.1f} ms (medians; inside minus the bare step: "
                          f"{(inside - bare.median_seconds) * 1e3:+.1f} ms) | | | | |")
     elif "full" in failures:
@@ -197,9 +197,10 @@ def report(command: str, settings: Settings, bare: BareResult, full: Measurement
                      "resolution). Their step times are the gaps between consecutive step ends (the StepTimer "
                      "plugin waits for the GPU; the example waits for its loss every step).")
     if full is not None and full.inside_seconds is not None:
-        lines.append("Inside train_batch: from the StepTimer's on_step_start (the batch loaded) to its on_step_end, "
-                     "the trainer's step itself, to set against the bare step; between batches: the rest (the "
-                     "next batch from the data loader, logging, the loop's checks).")
+        lines.append("Inside the step: from the StepTimer's on_step_start (the batch loaded) to its on_step_end, "
+                     "train_batch and its bookkeeping (the loss meter, the progress bar; logging on log steps, "
+                     "none here), to set against the bare step; between batches: the rest (the loop's sample, "
+                     "validation and save checks, and the next batch from the data loader).")
     ran = [TRAINERS[name] for name, result in (("full", full), ("example", example)) if result or name in failures]
     if ran:
         lines.append(data_loading_text(settings, " and ".join(ran)))

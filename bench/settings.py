@@ -70,8 +70,9 @@ class Measurement:
     peak_memory_bytes: int | None
     memory_kind: str  # how peak_memory_bytes was measured
     reserved_bytes: int | None = field(default=None, kw_only=True)  # CUDA: torch.cuda.max_memory_reserved
-    # train.py: of each timed step, the part inside the trainer's step (train_batch), its batch already loaded;
-    # the rest of step_seconds lies between batches (loading, logging, the loop). None where not recorded.
+    # train.py: of each timed step, the part inside the trainer's step (train_batch and its bookkeeping), its
+    # batch already loaded; the rest of step_seconds lies between batches (the loop's checks, loading the next
+    # batch). None where not recorded.
     inside_seconds: list[float] | None = field(default=None, kw_only=True)
 
     @property

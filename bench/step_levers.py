@@ -140,13 +140,17 @@ def bf16_norms(bare):
     """Every GroupNorm and LayerNorm of the UNet, the text encoder and the VAE through low_precision_norm."""
     norms = [module for part in (bare.plain["unet"], bare.plain["text_encoder"], bare.vae)
              for module in part.modules() if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    own = {module: module.__dict__.get("forward") for module in norms}  # a forward set on the module itself
     for module in norms:
         module.forward = functools.partial(low_precision_norm, module)
     try:
         yield
     finally:
-        for module in norms:
-            del module.forward  # the class's forward again
+        for module, forward in own.items():
+            if forward is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = forward
 
 
 @contextlib.contextmanager

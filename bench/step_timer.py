@@ -6,8 +6,9 @@ Appends one line per step to the file named by BENCH_STEP_TIMES: `time.perf_coun
 the global step, and the time the step started (on_step_start: the batch loaded, train_batch not yet begun).
 On CUDA it first waits for the GPU, so that a timestamp marks the end of the work before it rather than the
 end of its queueing (the trainer already waits once per step, for the loss). The gap from one step's end to
-the next one's end is the step as a user sees it; the part from its start to its end is train_batch, and the
-rest (loading the next batch, logging, the loop's decisions) lies between batches. At the end it adds the
+the next one's end is the step as a user sees it. In train.py the part from its start to its end is
+train_batch and the step's bookkeeping (the loss meter, the progress bar, and on log steps the logging); the
+rest lies between batches (the sample, validation and save checks, and loading the next batch). At the end it adds the
 process's peak memory: on CUDA a `# peak_cuda_memory_bytes N` line (max_memory_allocated) and a
 `# peak_cuda_reserved_bytes N` line (max_memory_reserved: what the card must hold, the caching allocator's
 blocks included), otherwise a `# peak_rss_bytes N` line.
@@ -49,8 +50,8 @@ class StepTimer:
         _synchronize_cuda()
         now = time.perf_counter()
         started = "" if self.started is None else f" {self.started:.6f}"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(f"{now:.6f} {kwargs.get('global_step', '')}{started}\n")
+        with open(self.path, "a", encoding="utf-8") as handle:  # the step always written: the start is 3rd
+            handle.write(f"{now:.6f} {kwargs.get('global_step', -1)}{started}\n")
         self.started = None
 
     def on_training_end(self, **kwargs) -> None:

@@ -115,7 +115,7 @@ def test_the_step_timer_appends_a_timestamp_per_step(tmp_path, monkeypatch):
 
 
 def test_the_full_step_is_split_into_the_part_inside_the_step_and_the_part_between_batches():
-    """Steps end at 1, 2, 4 and 7 s and start 0.2, 0.5 and 0.75 s before: the timed steps (after 1 warm-up)
+    """Steps end at 1, 2, 4 and 7 s and start 0.1, 0.2, 0.5 and 0.75 s before: the timed steps (after 1 warm-up)
     last 2 and 3 s, of which 0.5 and 0.75 s inside; the report gives both medians and the inside part
     against the bare step."""
     from bench.workload import seconds_inside_steps
@@ -130,12 +130,12 @@ def test_the_full_step_is_split_into_the_part_inside_the_step_and_the_part_betwe
     bare = BareResult([0.5, 0.5], 1, None, "n/a", {"backward": 10**9})
     text = report("python bench/train_throughput.py", Settings(resolution=256, steps=2, warmup=1), bare, full,
                   None, "none")
-    assert "| full step: inside train_batch / between batches | 625.0 / 1875.0 ms (medians; inside minus the " \
+    assert "| full step: inside the step / between batches | 625.0 / 1875.0 ms (medians; inside minus the " \
            "bare step: +125.0 ms) |" in text
     merged = train_throughput.merged([full, Measurement([1.0], 1, None, "n/a", inside_seconds=[0.25])])
     assert merged.inside_seconds == pytest.approx([0.5, 0.75, 0.25])
     assert train_throughput.merged([full, Measurement([1.0], 1, None, "n/a")]).inside_seconds is None
-    assert "inside train_batch" not in report("c", Settings(resolution=256, steps=2, warmup=1), bare,
+    assert "inside the step" not in report("c", Settings(resolution=256, steps=2, warmup=1), bare,
                                               Measurement([2.0, 3.0], 1, None, "n/a"), None, "none")
 
 
@@ -173,7 +173,7 @@ def test_the_full_step_runs_train_py_on_the_workload_and_reports_the_overhead(tm
                            "--threads", "1", "--full", "--workdir", str(tmp_path)])
     text = capsys.readouterr().out
     assert "| full step (train.py, StepTimer plugin) |" in text and "| overhead full / bare |" in text
-    assert "| full step: inside train_batch / between batches |" in text  # train.py calls on_step_start
+    assert "| full step: inside the step / between batches |" in text  # train.py calls on_step_start
     assert "peak RSS of the train.py process" in text and list(tmp_path.iterdir()) == []  # cleaned up
 
 

@@ -94,6 +94,26 @@ def test_a_low_precision_norm_computes_the_norm_in_bf16():
             assert torch.equal(step_levers.low_precision_norm(norm, hidden), expected)
 
 
+def test_a_low_precision_norm_runs_its_kernel_outside_autocast(monkeypatch):
+    """On CUDA, autocast would cast a norm's bf16 input back to fp32 (group_norm and layer_norm are on its fp32
+    list; on the CPU they are not, so the test above cannot see it): the kernel must run with autocast off."""
+    functional = torch.nn.functional
+    seen = []
+
+    def recording(kernel):
+        def call(*args, **kwargs):
+            seen.append((kernel.__name__, torch.is_autocast_enabled("cpu"), args[0].dtype))
+            return kernel(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(functional, "group_norm", recording(functional.group_norm))
+    monkeypatch.setattr(functional, "layer_norm", recording(functional.layer_norm))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        step_levers.low_precision_norm(torch.nn.GroupNorm(2, 4), torch.randn(1, 4, 2, 2))
+        step_levers.low_precision_norm(torch.nn.LayerNorm(8), torch.randn(1, 8))
+    assert seen == [("group_norm", False, torch.bfloat16), ("layer_norm", False, torch.bfloat16)]
+
+
 def test_levers_that_do_not_apply_say_why():
     settings = step_levers.Settings(precision="fp32", optimizer="adamw8bit")
     assert "AdamW8bit" in step_levers.why_not("fused_adamw", settings)

@@ -68,7 +68,8 @@ def runs(tmp_path_factory):
     what is trained."""
     root = tmp_path_factory.mktemp("demo")
     # One denoising step: what is checked is which pictures are drawn when, and where they go; each step of
-    # each picture is a UNet pass (the demo's 3 prompts x 3 CFGs x 30 steps take 40 s here).
+    # each picture is a UNet pass over the prompt and, with guidance, the empty prompt (the demo's 3 prompts
+    # x 3 CFGs x 30 steps take 40 s here).
     quick = root / "quick_samples.json"
     quick.write_text(json.dumps({"num_inference_steps": 1, "cfgs": [7, 1], "samples": [{"prompt": "a red circle"}]}))
     demo_prompts = root / "demo_prompts.json"  # the demo's prompts and EveryDream2's default 3 CFG panels
