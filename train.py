@@ -78,9 +78,10 @@ SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "
 def refuse_sharded_launch() -> None:
     """train.py trains with plain data parallelism: every process holds the whole model (its saves, samples,
     EMA and validation use the process's own copy), and it prepares its models and optimizer one by one, which
-    accelerate's FSDP and DeepSpeed integrations do not take. A launch asking for either would fail or train
-    wrongly after the model loaded; it is refused before, a dry run's too. The variables are read as accelerate
-    reads them ("true", in any case). Raises ConfigError."""
+    accelerate's FSDP and DeepSpeed integrations expect to wrap together (a two-process FSDP launch on the CPU
+    ended in a traceback inside accelerate; on GPUs it was never tried). Such a launch is refused before the
+    model loads, a dry run's too. The variables are read as accelerate reads them ("true", in any case).
+    Raises ConfigError."""
     asked = [(variable, name) for variable, name in SHARDED_LAUNCHES.items()
              if os.environ.get(variable, "false").lower() == "true"]
     if asked:

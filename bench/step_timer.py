@@ -8,11 +8,12 @@ On CUDA it first waits for the GPU, so that a timestamp marks the end of the wor
 end of its queueing (the trainer already waits once per step, for the loss). The gap from one step's end to
 the next one's end is the step as a user sees it. In train.py the part from its start to its end is
 train_batch and the step's bookkeeping (the loss meter, the progress bar, and on log steps the logging); the
-rest lies between batches (the sample, validation and save checks, and loading the next batch). At the end it adds the
-process's peak memory: on CUDA a `# peak_cuda_memory_bytes N` line (max_memory_allocated) and a
-`# peak_cuda_reserved_bytes N` line (max_memory_reserved: what the card must hold, the caching allocator's
-blocks included), otherwise a `# peak_rss_bytes N` line.
-Without BENCH_STEP_TIMES it does nothing.
+rest lies between batches (the sample, validation and save checks, and loading the next batch).
+
+At the end it adds the process's peak memory: on CUDA a `# peak_cuda_memory_bytes N` line
+(max_memory_allocated) and a `# peak_cuda_reserved_bytes N` line (max_memory_reserved: what the card must hold,
+the caching allocator's blocks included), otherwise a `# peak_rss_bytes N` line. Without BENCH_STEP_TIMES it
+does nothing.
 """
 
 from __future__ import annotations
