@@ -1021,9 +1021,8 @@ def train_epochs(run: Run, stop) -> bool:
                     early_stop = True  # the run is done, and gets its final save
                     break
                 if ends_group(index, len(batches), plan.config.grad_accum) and index + 1 < len(batches):
-                    stop_now, save_now = decide_together(run, stop, end_of_epoch=False)
+                    stop_now, save_now = decide_together(run, stop, skipped, end_of_epoch=False)
                     if stop_now:
-                        list_skipped_images(skipped, run.accelerator)
                         return False
                     if save_now:
                         save_periodic(run)
@@ -1038,7 +1037,7 @@ def train_epochs(run: Run, stop) -> bool:
             run.plugins.run("on_epoch_end", **hook_arguments(run, epoch=state.epoch - 1))
             if early_stop:
                 return True
-            stop_now, save_now = decide_together(run, stop, end_of_epoch=True)
+            stop_now, save_now = decide_together(run, stop, skipped, end_of_epoch=True)
             if save_now:
                 save_periodic(run)
             if stop_now and state.epoch < plan.config.max_epochs:  # at the very end, the final save
@@ -1071,16 +1070,21 @@ def log_step(run: Run, meter, spikes) -> str:
     return meter.postfix(values)
 
 
-def decide_together(run: Run, stop, end_of_epoch: bool) -> tuple[bool, bool]:
+def decide_together(run: Run, stop, skipped, end_of_epoch: bool) -> tuple[bool, bool]:
     """(stop now, save now) at the end of an optimizer step, the same on every process: a stop requested on
-    any of them; a periodic save when the main process's clock says so."""
+    any of them; a periodic save when the main process's clock says so. Images that any process could not load
+    since the last such step go into the main process's skipped_images.txt now, not at the end of the epoch,
+    so that an error later in the epoch on any process cannot lose them."""
     import signal
 
     from utils.processes import any_process
 
     save_due = run.accelerator.is_main_process and periodic_save_due(run.plan, run.state, end_of_epoch)
-    interrupted, terminated, save_due = any_process(run.accelerator, stop.requested == signal.SIGINT,
-                                                    stop.requested == signal.SIGTERM, save_due)
+    interrupted, terminated, save_due, unlisted = any_process(
+        run.accelerator, stop.requested == signal.SIGINT, stop.requested == signal.SIGTERM, save_due,
+        skipped.has_unshared)
+    if unlisted:
+        list_skipped_images(skipped, run.accelerator)
     return stop.share(interrupted, terminated), save_due
 
 

@@ -1,6 +1,7 @@
 """train.py with an exception raised on process 1 at step $ERROR_AT_STEP, or with process $DISK_FULL_ON_PROCESS
 unable to write latent-cache entries (the disk full): what a multi-process run does when one process fails
-(tests/test_multiprocess.py launches it with accelerate)."""
+(tests/test_multiprocess.py launches it with accelerate). tests/nan_injection.py's troubles too, each when its
+variable is set."""
 
 import errno
 import os
@@ -8,6 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tests.nan_injection  # noqa: E402, F401  (patches train.train_step first: the error is raised before its NaN)
 import train  # noqa: E402
 from utils.latent_cache import LatentCache  # noqa: E402
 

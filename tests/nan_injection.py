@@ -1,6 +1,7 @@
 """train.py with trouble on one process, for what a multi-process run does with it (tests/test_multiprocess.py
 launches it with accelerate): a NaN loss on process $NAN_PROCESS (default 0) at step $NAN_AT_STEP, and, when
-$SKIPPED_IMAGE_ON_PROCESS is set, an image that process reports unreadable at its first training batch; when
+$SKIPPED_IMAGE_ON_PROCESS is set, an image that process reports unreadable at its training batch number
+$SKIPPED_IMAGE_AT_BATCH (default 1: its first); when
 $REPLACED_IMAGE_ON_PROCESS is set, that process reads another content for the first image than the others do
 (the file replaced while the processes started): the latent cache must key it as the main process read it."""
 
@@ -23,16 +24,18 @@ def train_step(trainee, batch, config, global_step, accelerator):
     loss = original_train_step(trainee, batch, config, global_step, accelerator)
     stand_in = not batch["loss_scale"].any()  # train_batch's zero-weight stand-in for the batch that failed
     if (accelerator.process_index == int(os.environ.get("NAN_PROCESS", "0"))
-            and global_step == int(os.environ["NAN_AT_STEP"]) and not stand_in):
+            and global_step == int(os.environ.get("NAN_AT_STEP", "-1")) and not stand_in):
         return loss * float("nan")
     return loss
 
 
 def add_skipped(self, entries):
-    """The training loop's report of the images a batch could not load; the first one on the process named."""
-    if os.environ.get("SKIPPED_IMAGE_ON_PROCESS") == os.environ.get("RANK") and not getattr(add_skipped, "done", 0):
-        add_skipped.done = True
-        entries = [*entries, (INJECTED_IMAGE, f"cannot be read: injected on process {os.environ['RANK']}")]
+    """The training loop's report of the images a batch could not load (once a batch); on the process named, one
+    more in the batch named."""
+    if os.environ.get("SKIPPED_IMAGE_ON_PROCESS") == os.environ.get("RANK"):
+        add_skipped.batches = getattr(add_skipped, "batches", 0) + 1
+        if add_skipped.batches == int(os.environ.get("SKIPPED_IMAGE_AT_BATCH", "1")):
+            entries = [*entries, (INJECTED_IMAGE, f"cannot be read: injected on process {os.environ['RANK']}")]
     original_add_skipped(self, entries)
 
 

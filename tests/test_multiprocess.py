@@ -164,16 +164,20 @@ def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same
     """Process 1 raises at step 6. Process 0 learns of it from gloo (the connection closed) and keeps the
     weights at the error (errored-); the launcher ends the run. The periodic save of epoch 1 (step 4) is
     intact, and the same launch with --resume_run continues from it to the end. One process continues it
-    too with --force_resume, its steps counted anew for one process."""
+    too with --force_resume, its steps counted anew for one process. An image process 1 could not load at
+    step 5 is in the main process's skipped_images.txt, though the epoch never ended."""
     settings = ("--config", "train.json", "--max_epochs", "2", "--save_every_n_epochs", "1", "--no_save_ckpt",
                 "true", "--sample_prompts", "null", "--log_step", "2", "--num_workers", "0", "--logdir",
                 str(tmp_path / "logs"))
-    failed = launch_two("tests/error_injection.py", *settings, env={**os.environ, "ERROR_AT_STEP": "6"})
+    failed = launch_two("tests/error_injection.py", *settings, env={
+        **os.environ, "ERROR_AT_STEP": "6", "SKIPPED_IMAGE_ON_PROCESS": "1", "SKIPPED_IMAGE_AT_BATCH": "5"})
     output = failed.stdout + failed.stderr
     assert failed.returncode != 0, output
     assert "[process 1] training failed at step 6" in output and "RuntimeError: injected failure at step 6" in output
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert sorted(p.name for p in (run_dir / "ckpts").iterdir()) == ["demo-ep01-gs00004", "errored-demo-ep01-gs00006"]
+    listed = (run_dir / "skipped_images.txt").read_text()
+    assert listed == "injected/unreadable.jpg\tcannot be read: injected on process 1\n", output
 
     one_process = tmp_path / "one_process"  # a copy of the run, continued by one process with --force_resume
     shutil.copytree(run_dir, one_process)

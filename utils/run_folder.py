@@ -116,6 +116,11 @@ class SkipReport:
             log.warning("skipped %s: %s", path, reason)
             self.unshared.append((path, reason))
 
+    @property
+    def has_unshared(self) -> bool:
+        """Whether add() found images since the last take_unshared."""
+        return bool(self.unshared)
+
     def take_unshared(self) -> list[tuple[str, str]]:
         """What add() found since the last call, for the main process to list (each process loads its share)."""
         entries, self.unshared = self.unshared, []
