@@ -866,12 +866,15 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     accordingly. Returns the exit code."""
     import functools
 
+    import torch
+
     from optimizer.optimizers import apply_group_settings
     from utils.checkpoint import DamagedCheckpoint, NotEnoughDiskSpace
     from utils.interrupts import StopRequests
     from utils.latent_cache import LatentCacheError
     from utils.live_settings import LiveSettings
     from utils.loop_state import LoopState
+    from utils.memory_advice import out_of_memory_advice
     from utils.models import ModelLoadError
     from utils.plugins import PluginRunner
     from utils.processes import ProcessesPlannedDifferently
@@ -894,6 +897,10 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
                 apply_group_settings(optimizer, schedule, plan.optimizer_settings)
         if accelerator.num_processes > 1:
             settle_gradient_buckets(trainee, accelerator, plan.config)
+    except torch.OutOfMemoryError as error:
+        log.error("%s\ntorch: %s", out_of_memory_advice(plan, "while setting up, " + device_described(accelerator)),
+                  error)
+        return 2
     except (ModelLoadError, DamagedCheckpoint, LatentCacheError, ResumeStateError, RuntimeError,
             ProcessesPlannedDifferently) as error:
         log.error("%s", error)
@@ -940,6 +947,12 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
             return 1
         except NotEnoughDiskSpace as error:
             log.error("%s", error)
+            save_after_error(run)
+            return 1
+        except torch.OutOfMemoryError as error:  # on this process alone, perhaps: it cannot wait for the others
+            log.error("%s\ntorch: %s", out_of_memory_advice(plan, f"in step {run.state.global_step + 1}, "
+                                                                   f"{device_described(accelerator)}"), error)
+            free_failed_step(error, accelerator)  # room to save
             save_after_error(run)
             return 1
         except Exception:
@@ -1185,6 +1198,30 @@ def validate_if_due(run: Run) -> bool:
                     "row (early_stopping_patience)", state.global_step, watched, state.best_validation_loss,
                     state.validations_without_improvement)
     return stop
+
+
+def device_described(accelerator) -> str:
+    """"on cuda:0 (23.6 GiB)": the device and, on CUDA, its memory."""
+    import torch
+
+    device = accelerator.device
+    if device.type != "cuda":
+        return f"on {device}"
+    return f"on {device} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB)"
+
+
+def free_failed_step(error: BaseException, accelerator) -> None:
+    """Let go of the tensors of the step that failed (its frames, which the error's traceback keeps, hold its
+    activations), and give the CUDA caching allocator's free blocks back."""
+    import gc
+    import traceback
+
+    import torch
+
+    traceback.clear_frames(error.__traceback__)  # frames still running (this one) are left as they are
+    gc.collect()
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def save_after_error(run: Run, together: bool = False) -> None:
