@@ -950,9 +950,9 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
             save_after_error(run)
             return 1
         except torch.OutOfMemoryError as error:  # on this process alone, perhaps: it cannot wait for the others
-            log.error("%s\ntorch: %s", out_of_memory_advice(plan, f"in step {run.state.global_step + 1}, "
+            log.error("%s\ntorch: %s", out_of_memory_advice(plan, f"with {run.state.global_step} steps done, "
                                                                    f"{device_described(accelerator)}"), error)
-            free_failed_step(error, accelerator)  # room to save
+            free_failed_step(error, run)  # room to save
             save_after_error(run)
             return 1
         except Exception:
@@ -1201,7 +1201,7 @@ def validate_if_due(run: Run) -> bool:
 
 
 def device_described(accelerator) -> str:
-    """"on cuda:0 (23.6 GiB)": the device and, on CUDA, its memory."""
+    """The device and, on CUDA, its memory: "on cuda (23.6 GiB)", "on cuda:1 (79.1 GiB)", "on cpu"."""
     import torch
 
     device = accelerator.device
@@ -1210,17 +1210,18 @@ def device_described(accelerator) -> str:
     return f"on {device} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB)"
 
 
-def free_failed_step(error: BaseException, accelerator) -> None:
-    """Let go of the tensors of the step that failed (its frames, which the error's traceback keeps, hold its
-    activations), and give the CUDA caching allocator's free blocks back."""
+def free_failed_step(error: BaseException, run: Run) -> None:
+    """Let go of what the step that failed left in memory: its activations (held by its frames, which the
+    error's traceback keeps) and its gradients; then give the CUDA caching allocator's free blocks back."""
     import gc
     import traceback
 
     import torch
 
-    traceback.clear_frames(error.__traceback__)  # frames still running (this one) are left as they are
+    traceback.clear_frames(error.__traceback__)  # all but the frames still running: train()'s, which caught it
+    run.optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    if accelerator.device.type == "cuda":
+    if run.accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
 
 

@@ -249,22 +249,36 @@ def test_an_error_in_a_loading_worker_saves_the_weights_and_ends_the_workers(tmp
 
 def test_running_out_of_gpu_memory_says_which_settings_take_less_and_saves_the_weights(tmp_path, monkeypatch):
     """torch's out-of-memory error in a step (raised here on the CPU as CUDA raises it): no traceback, but the
-    step, the device and what to change, taken from this run's settings; then an errored- checkpoint."""
+    steps done, the device and what to change, taken from this run's settings; then an errored- checkpoint."""
     real_step = train.train_step
 
-    def out_of_memory_at_step_3(trainee, batch, config, global_step, accelerator):
+    def out_of_memory_in_step_3(trainee, batch, config, global_step, accelerator):
         if global_step == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return real_step(trainee, batch, config, global_step, accelerator)
 
-    monkeypatch.setattr(train, "train_step", out_of_memory_at_step_3)
+    monkeypatch.setattr(train, "train_step", out_of_memory_in_step_3)
     code, run_dir = run_one_demo_epoch(tmp_path, monkeypatch, extra=("--optimizer", "adamw8bit"))
     assert code == 1
     log = (run_dir / "train.log").read_text()
-    assert "out of GPU memory in step 3, on cpu, training the UNet and text encoder on batches of 2 at 256 px" in log
-    assert "  - gradient_checkpointing: true: " in log and "  - batch_size: 1 with grad_accum: 2: " in log
-    assert "optimizer:" not in log.split("out of GPU memory")[1]  # 8-bit already
-    assert "torch: CUDA out of memory. Tried to allocate 2.00 GiB (injected)" in log
+    advice = log.split("out of GPU memory with 2 steps done, on cpu, training the UNet and text encoder on batches "
+                       "of 2 at 256 px.")[1]
+    assert "  - gradient_checkpointing: true: " in advice and "  - batch_size: 1, grad_accum: 2: " in advice
+    assert "optimizer:" not in advice  # 8-bit already
+    assert "torch: CUDA out of memory. Tried to allocate 2.00 GiB (injected)" in advice
     assert "Traceback" not in log
     (saved,) = (run_dir / "ckpts").iterdir()
     assert saved.name.startswith("errored-") and json.loads((saved / "checkpoint.json").read_text())["global_step"] == 2
+
+
+def test_running_out_of_gpu_memory_while_setting_up_says_what_to_change_and_exits_2(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(train, "prepare_optimizer", out_of_memory)
+    code, run_dir = run_one_demo_epoch(tmp_path, monkeypatch)
+    assert code == 2
+    log = (run_dir / "train.log").read_text()
+    assert "out of GPU memory while setting up, on cpu, training the UNet and text encoder" in log
+    assert "  - gradient_checkpointing: true: " in log and "Traceback" not in log
+    assert not (run_dir / "ckpts").exists() or not list((run_dir / "ckpts").iterdir())

@@ -58,7 +58,8 @@ def test_tiny_model_has_sd15_topology(tiny):
 
 def test_tiny_unet_has_one_head_count_for_every_level_and_heads_at_least_16_wide(tiny):
     """As SD 1.x, one head count for the whole UNet (SD 2.x's are per level), small enough for heads of real
-    width: 8 heads of 4 made attention most of a CPU training step. The weights do not depend on it."""
+    width: 8 heads, 4 wide at the first level, made attention most of a CPU training step. The weights do not
+    depend on it."""
     unet = tiny["unet"]
     assert isinstance(unet.config.attention_head_dim, int)
     widths = {block.attn1.inner_dim // block.attn1.heads

@@ -80,7 +80,8 @@ class TrainConfig:
         group="Model", choices=("ddpm", "pndm", "ddim"))
     attn_type: str = option(
         "sdp", "Attention kernel: `sdp` (PyTorch scaled-dot-product), `xformers` (needs the xformers package), "
-        "`slice` (lowest memory, slowest).", group="Model", choices=("sdp", "xformers", "slice"))
+        "`slice` (a slice at a time: less memory when sampling, not in training; slowest).", group="Model",
+        choices=("sdp", "xformers", "slice"))
     gradient_checkpointing: bool = option(
         False, "Recompute activations in the backward pass: much less VRAM, about 20-30% slower.", group="Model")
     cache_latents: bool = option(

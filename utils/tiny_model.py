@@ -5,11 +5,11 @@ block, twelve text-encoder layers, a VAE with the real 8x downscale) with small 
 single-file key layout, the bucket maths and every code path are the ones a real model takes. It is
 built from a fixed seed with no download, so the demo and the tests run offline and repeatably.
 
-Like SD 1.x its UNet has the same number of attention heads at every level, but 2 rather than 8: with a tenth
-of the channels, 8 heads would be 4 wide (SD 1.5's are 40 to 160), and attention in such narrow heads took
-over half of a training step on a CPU. With 2 heads (16 to 64 wide) the UNet's forward and backward pass
-runs 2.6 times as fast there, and the demo's sample pictures take half as long. The head count changes
-neither the weights nor their names, only how attention splits them.
+Like SD 1.x its UNet has the same number of attention heads at every level, but 2 rather than 8: with a
+tenth of the channels, 8 heads would be 4 to 16 wide (SD 1.5's are 40 to 160), and attention in such narrow
+heads took over half of a training step on a CPU. With 2 heads (16 to 64 wide) the UNet's forward and
+backward pass runs 2.6 times as fast there, and the demo's sample pictures take half as long. The head
+count changes neither the weights nor their names, only how attention splits them.
 """
 
 from __future__ import annotations
