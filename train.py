@@ -956,7 +956,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
             save_after_error(run)
             return 1
         except Exception:
-            log.exception("training failed at step %d", run.state.global_step)
+            log.exception("training failed with %d steps done", run.state.global_step)
             save_after_error(run)
             return 1
         finally:

@@ -173,7 +173,8 @@ def test_an_error_on_one_process_ends_the_run_with_its_saves_intact_and_the_same
         **os.environ, "ERROR_AT_STEP": "6", "SKIPPED_IMAGE_ON_PROCESS": "1", "SKIPPED_IMAGE_AT_BATCH": "5"})
     output = failed.stdout + failed.stderr
     assert failed.returncode != 0, output
-    assert "[process 1] training failed at step 6" in output and "RuntimeError: injected failure at step 6" in output
+    assert "[process 1] training failed with 6 steps done" in output
+    assert "RuntimeError: injected failure at step 6" in output
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert sorted(p.name for p in (run_dir / "ckpts").iterdir()) == ["demo-ep01-gs00004", "errored-demo-ep01-gs00006"]
     listed = (run_dir / "skipped_images.txt").read_text()
