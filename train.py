@@ -187,12 +187,18 @@ def load_together(plan: RunPlan, accelerator) -> Trainee:
     that could not (its machine's copy of the model, out of memory) would otherwise end while the others wait
     an hour for it. Raises what load_trainee raises, or ProcessesPlannedDifferently naming the processes that
     could not load and why (utils.processes.agree_to_start)."""
+    import torch
+
     from utils.checkpoint import DamagedCheckpoint
+    from utils.memory_advice import out_of_memory_advice
     from utils.models import ModelLoadError
     from utils.processes import READY, agree_to_start
 
     try:
         trainee = load_trainee(plan, accelerator)
+    except torch.OutOfMemoryError:  # every process is told what to change (one process: train() tells it)
+        agree_to_start(accelerator, out_of_memory_advice(plan, "loading the model, " + device_described(accelerator)))
+        raise
     except (ModelLoadError, DamagedCheckpoint, RuntimeError, OSError) as error:  # OSError: ema_resume_model's files
         agree_to_start(accelerator, error)
         raise

@@ -64,3 +64,25 @@ def test_the_advice_says_which_changes_a_resumed_run_needs_force_resume_for():
     assert "  - gradient_checkpointing: true: activations recomputed" in advice
     assert ("also needs --force_resume to change batch_size, disable_textenc_training, grad_accum, optimizer."
             in advice)  # not gradient_checkpointing or ema_device: those may change on resume
+
+
+def test_with_several_processes_one_out_of_memory_while_loading_tells_every_process_what_to_change(monkeypatch):
+    """What agree_to_start shares is the advice, so every process stops with it (one process alone: train()
+    says it, as for any set-up step)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import utils.processes
+
+    def out_of_memory(plan, accelerator):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(train, "load_trainee", out_of_memory)
+    monkeypatch.setattr(utils.processes, "gathered",  # process 0 loaded the model; this one, process 1, did not
+                        lambda accelerator, values: [utils.processes.READY, *values])
+    with pytest.raises(utils.processes.ProcessesPlannedDifferently) as stopped:
+        train.load_together(train.plan_run(list(DEMO)), SimpleNamespace(num_processes=2, device=torch.device("cpu")))
+    message = str(stopped.value)
+    assert message.startswith("process(es) 1 could not start the run:\nout of GPU memory loading the model, on cpu")
+    assert "  - gradient_checkpointing: true: " in message
