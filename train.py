@@ -190,14 +190,13 @@ def load_together(plan: RunPlan, accelerator) -> Trainee:
     import torch
 
     from utils.checkpoint import DamagedCheckpoint
-    from utils.memory_advice import out_of_memory_advice
     from utils.models import ModelLoadError
     from utils.processes import READY, agree_to_start
 
     try:
         trainee = load_trainee(plan, accelerator)
     except torch.OutOfMemoryError:  # every process is told what to change (one process: train() tells it)
-        agree_to_start(accelerator, out_of_memory_advice(plan, "loading the model, " + device_described(accelerator)))
+        agree_to_start(accelerator, out_of_memory_report(plan, accelerator, "loading the model"))
         raise
     except (ModelLoadError, DamagedCheckpoint, RuntimeError, OSError) as error:  # OSError: ema_resume_model's files
         agree_to_start(accelerator, error)
@@ -880,7 +879,6 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
     from utils.latent_cache import LatentCacheError
     from utils.live_settings import LiveSettings
     from utils.loop_state import LoopState
-    from utils.memory_advice import out_of_memory_advice
     from utils.models import ModelLoadError
     from utils.plugins import PluginRunner
     from utils.processes import ProcessesPlannedDifferently
@@ -904,8 +902,7 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
         if accelerator.num_processes > 1:
             settle_gradient_buckets(trainee, accelerator, plan.config)
     except torch.OutOfMemoryError as error:
-        log.error("%s\ntorch: %s", out_of_memory_advice(plan, "while setting up, " + device_described(accelerator)),
-                  error)
+        log.error("%s\ntorch: %s", out_of_memory_report(plan, accelerator, "while setting up"), error)
         return 2
     except (ModelLoadError, DamagedCheckpoint, LatentCacheError, ResumeStateError, RuntimeError,
             ProcessesPlannedDifferently) as error:
@@ -956,8 +953,8 @@ def train(plan: RunPlan, accelerator, run_dir: str | None) -> int:
             save_after_error(run)
             return 1
         except torch.OutOfMemoryError as error:  # on this process alone, perhaps: it cannot wait for the others
-            log.error("%s\ntorch: %s", out_of_memory_advice(plan, f"with {run.state.global_step} steps done, "
-                                                                   f"{device_described(accelerator)}"), error)
+            log.error("%s\ntorch: %s", out_of_memory_report(plan, accelerator,
+                                                             f"with {run.state.global_step} steps done"), error)
             free_failed_step(error, run)  # room to save
             save_after_error(run)
             return 1
@@ -1206,14 +1203,18 @@ def validate_if_due(run: Run) -> bool:
     return stop
 
 
-def device_described(accelerator) -> str:
-    """The device and, on CUDA, its memory: "on cuda (23.6 GiB)", "on cuda:1 (79.1 GiB)", "on cpu"."""
+def out_of_memory_report(plan: RunPlan, accelerator, when: str) -> str:
+    """utils.memory_advice's advice for this run, saying `when` ("while setting up") and on which device: "on
+    cuda (23.6 GiB)", "on cuda:1 (79.1 GiB)", "on cpu"."""
     import torch
 
+    from utils.memory_advice import out_of_memory_advice
+
     device = accelerator.device
-    if device.type != "cuda":
-        return f"on {device}"
-    return f"on {device} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB)"
+    where = f"{when}, on {device}"
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB)"
+    return out_of_memory_advice(plan, where)
 
 
 def free_failed_step(error: BaseException, run: Run) -> None:

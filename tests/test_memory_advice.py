@@ -19,8 +19,7 @@ def in_the_repo(monkeypatch):
 
 def suggested(*args: str) -> dict[str, str]:
     """"key: value, key: value" -> what it saves, for the demo with `args`."""
-    return {", ".join(f"{key}: {value}" for key, value in change): why
-            for change, why in memory_saving_changes(train.plan_run([*DEMO, *args]))}
+    return {str(change): change.saves for change in memory_saving_changes(train.plan_run([*DEMO, *args]))}
 
 
 def test_the_demo_is_told_every_setting_it_does_not_use_the_largest_saving_first():
